@@ -1,0 +1,123 @@
+"""dqn.py: its pieces against hand-worked numbers, and the script run as a user runs it."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import dqn
+from helpers import assert_one_line_error, only_run_dir, read_scalars, run_ok, run_script
+
+SHORT = ["--total-timesteps", "400", "--learning-starts", "100", "--eval-episodes", "2"]
+
+
+def test_linear_schedule_by_hand():
+    # 1.0 -> 0.05 over 100 steps: the slope is -0.0095 per step.
+    assert dqn.linear_schedule(1.0, 0.05, 100, 0) == pytest.approx(1.0)
+    assert dqn.linear_schedule(1.0, 0.05, 100, 50) == pytest.approx(0.525)
+    assert dqn.linear_schedule(1.0, 0.05, 100, 100) == pytest.approx(0.05)
+    assert dqn.linear_schedule(1.0, 0.05, 100, 1000) == pytest.approx(0.05)
+
+
+def test_replay_buffer_wraps_around_and_keeps_the_terminated_mask():
+    space = gym.spaces.Box(-10, 10, shape=(2,), dtype=np.float32)
+    buffer = dqn.ReplayBuffer(3, space, seed=0)
+    for i in range(5):  # 5 transitions into 3 slots: 3 and 4 overwrite 0 and 1
+        buffer.add(np.array([i, -i]), action=i % 2, reward=float(i), next_obs=np.array([i + 1, 0]), terminated=i == 3)
+    assert buffer.size == 3 and buffer.position == 2
+    np.testing.assert_array_equal(buffer.observations[:, 0], [3, 4, 2])
+    np.testing.assert_array_equal(buffer.next_observations[:, 0], [4, 5, 3])
+    np.testing.assert_array_equal(buffer.rewards, [3.0, 4.0, 2.0])
+    np.testing.assert_array_equal(buffer.actions, [1, 0, 0])
+    np.testing.assert_array_equal(buffer.terminations, [1.0, 0.0, 0.0])
+    obs, actions, rewards, next_obs, terminations = buffer.sample(64)
+    assert obs.shape == (64, 2) and obs.dtype == np.float32
+    assert actions.shape == rewards.shape == terminations.shape == (64,)
+    assert set(rewards.tolist()) <= {2.0, 3.0, 4.0}
+    np.testing.assert_array_equal(next_obs[:, 0], obs[:, 0] + 1)  # rows stay aligned
+
+
+def test_td_target_with_a_terminated_and_a_truncated_transition():
+    rewards = torch.tensor([1.0, 1.0, 0.5])
+    next_q_target = torch.tensor([[1.0, 2.0], [3.0, 0.0], [-1.0, -2.0]])
+    # Row 1 terminated: no bootstrap. Row 2 was cut by a time limit: stored terminated=0, bootstraps.
+    terminations = torch.tensor([0.0, 1.0, 0.0])
+    target = dqn.td_target(rewards, next_q_target, terminations, gamma=0.9)
+    # 1 + 0.9 * 2 = 2.8;  1 + 0 = 1;  0.5 + 0.9 * (-1) = -0.4
+    torch.testing.assert_close(target, torch.tensor([2.8, 1.0, -0.4]))
+
+
+def test_discrete_observations_are_one_hot():
+    encoded = dqn.encode_observations(torch.tensor([0, 2, 1]), n_states=3)
+    torch.testing.assert_close(encoded, torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]]))
+    box = dqn.encode_observations(torch.tensor([[[1, 2], [3, 4]]], dtype=torch.float64), n_states=None)
+    torch.testing.assert_close(box, torch.tensor([[1.0, 2, 3, 4]]))
+    q_network = dqn.QNetwork(gym.spaces.Discrete(500), n_actions=6, hidden_size=8)
+    assert q_network(torch.tensor([0, 499])).shape == (2, 6)
+
+
+def test_smoke_run_logs_every_scalar(tmp_path):
+    result = run_ok("dqn.py", *SHORT, cwd=tmp_path)
+    assert "eval:" in result.stdout and "wall time:" in result.stdout
+    scalars = read_scalars(only_run_dir(tmp_path))
+    for tag in ["charts/episodic_return", "charts/episodic_length", "charts/epsilon", "charts/SPS",
+                "losses/td_loss", "losses/q_values", "eval/episodic_return"]:
+        assert scalars.get(tag), tag
+    assert len(scalars["eval/episodic_return"]) == 2
+
+
+def test_smoke_save_model_and_demos(tmp_path):
+    run_ok("dqn.py", *SHORT, "--save-model", "--save-demos", "demo.npy", "--demo-episodes", "3", cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    q_network = dqn.QNetwork(gym.make("CartPole-v1").observation_space, n_actions=2, hidden_size=dqn.Args.hidden_size)
+    q_network.load_state_dict(torch.load(run_dir / "dqn.pt", weights_only=True))
+    assert not list(run_dir.glob("*.tmp"))
+    demos = np.load(tmp_path / "demo.npy", allow_pickle=True)
+    assert demos.dtype == object and len(demos) == 3
+    for episode in demos:
+        for state, action, reward, next_state, done in episode:
+            assert np.shape(state) == np.shape(next_state) == (4,)
+            assert action in (0, 1) and isinstance(reward, float) and isinstance(done, bool)
+        np.testing.assert_array_equal(episode[0][3], episode[1][0])  # next_state is the next step's state
+
+
+def test_smoke_taxi_discrete_observations(tmp_path):
+    run_ok("dqn.py", "--env-id", "Taxi-v4", *SHORT, cwd=tmp_path)
+
+
+def test_same_seed_same_returns(tmp_path):
+    flags = ["--total-timesteps", "1500", "--learning-starts", "300", "--eval-episodes", "1", "--seed", "7"]
+    returns = []
+    for name in ["a", "b"]:
+        (tmp_path / name).mkdir()
+        run_ok("dqn.py", *flags, cwd=tmp_path / name)
+        returns.append(read_scalars(only_run_dir(tmp_path / name))["charts/episodic_return"])
+    assert len(returns[0]) > 20 and returns[0] == returns[1]
+
+
+def test_learning_cartpole(tmp_path):
+    """The default DQN, one fixed seed, 20k steps: a greedy return that random play (about 22) and a
+    broken learner never reach."""
+    result = run_ok("dqn.py", "--seed", "1", "--total-timesteps", "20000", cwd=tmp_path)
+    eval_returns = [value for _, value in read_scalars(only_run_dir(tmp_path))["eval/episodic_return"]]
+    assert np.mean(eval_returns) >= 400, result.stdout
+
+
+def test_box_action_space_is_refused(tmp_path):
+    assert_one_line_error(run_script("dqn.py", "--env-id", "Pendulum-v1", cwd=tmp_path), "ddpg.py")
+
+
+def test_contradictory_flags_are_refused(tmp_path):
+    result = run_script("dqn.py", "--batch-size", "512", "--buffer-size", "100", cwd=tmp_path)
+    assert_one_line_error(result, "--batch-size")
+    result = run_script("dqn.py", "--learning-starts", "5000", "--total-timesteps", "1000", cwd=tmp_path)
+    assert_one_line_error(result, "--learning-starts")
+    assert_one_line_error(run_script("dqn.py", "--env-id", "NoSuchEnv-v0", cwd=tmp_path), "NoSuchEnv-v0")
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
+
+
+def test_existing_demo_path_is_never_overwritten(tmp_path):
+    (tmp_path / "demo.npy").write_bytes(b"the user's file")
+    result = run_script("dqn.py", *SHORT, "--save-demos", "demo.npy", cwd=tmp_path)
+    assert_one_line_error(result, "demo.npy")
+    assert (tmp_path / "demo.npy").read_bytes() == b"the user's file"
