@@ -1,0 +1,453 @@
+"""Prioritized experience replay (proportional) on Double DQN.
+
+Schaul, Quan, Antonoglou & Silver 2016, "Prioritized Experience Replay", ICLR, Algorithm 1.
+double_dqn.py samples its replay buffer uniformly; here transition i is drawn with probability
+P(i) = p_i^alpha / sum_k p_k^alpha, p_i = |delta_i| + eps, from a sum tree, and importance-sampling
+weights correct the bias this introduces. Only the buffer, the sampling and the weighted loss change.
+
+Run:  python per_dqn.py --env-id CartPole-v1 --seed 1
+"""
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (used in the run name)"""
+    seed: int = 1
+    """seed of Python, numpy, torch and the environment"""
+    torch_deterministic: bool = True
+    """make torch use deterministic algorithms (same seed, same machine: same returns)"""
+    cuda: bool = False
+    """train on the GPU when one is available"""
+    capture_video: bool = False
+    """record the first greedy evaluation episode to videos/<run_name>/"""
+    save_model: bool = False
+    """save the trained network's state_dict to runs/<run_name>/"""
+    save_demos: Optional[str] = None
+    """after training, record greedy episodes of the agent to this .npy file (for dqfd.py)"""
+    demo_episodes: int = 2
+    """how many episodes --save-demos records"""
+    env_id: str = "CartPole-v1"
+    """the Gymnasium environment id"""
+    total_timesteps: int = 30_000
+    """environment steps of training"""
+    eval_episodes: int = 10
+    """greedy episodes in the final evaluation"""
+
+    # Algorithm-specific arguments
+    learning_rate: float = 5e-4
+    """the Adam learning rate"""
+    buffer_size: int = 50_000
+    """the replay buffer's capacity in transitions"""
+    gamma: float = 0.99
+    """the discount factor"""
+    tau: float = 0.005
+    """target network update rate (1.0: the paper's hard copy every target_network_frequency steps)"""
+    target_network_frequency: int = 1
+    """environment steps between target network updates"""
+    batch_size: int = 128
+    """the minibatch size of each gradient step"""
+    start_e: float = 1.0
+    """the starting epsilon of epsilon-greedy exploration"""
+    end_e: float = 0.05
+    """the final epsilon"""
+    exploration_fraction: float = 0.25
+    """the fraction of total_timesteps over which epsilon decays linearly from start_e to end_e"""
+    learning_starts: int = 1_000
+    """environment steps of random play before learning starts"""
+    train_frequency: int = 1
+    """environment steps between gradient steps"""
+    hidden_size: int = 128
+    """units in each of the network's two hidden layers"""
+    alpha: float = 0.6
+    """prioritization exponent: P(i) = p_i^alpha / sum_k p_k^alpha (0: uniform sampling)"""
+    beta_start: float = 0.4
+    """importance-sampling exponent at the start; it grows linearly to 1 over total_timesteps"""
+    prior_eps: float = 1e-6
+    """the small constant in p_i = |delta_i| + eps that keeps every transition sampleable"""
+
+
+def fail(message: str) -> None:
+    """End the run with one sentence on stderr and a non-zero exit."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args: Args) -> Optional[str]:
+    """Return one sentence describing the first bad flag, or None when the flags are usable."""
+    counts = ["total_timesteps", "eval_episodes", "buffer_size", "target_network_frequency",
+              "batch_size", "train_frequency", "hidden_size", "demo_episodes"]
+    for name in counts:
+        if getattr(args, name) <= 0:
+            return f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}."
+    if not args.learning_rate > 0:
+        return f"--learning-rate must be positive, got {args.learning_rate}."
+    if not 0 <= args.gamma <= 1:
+        return f"--gamma must lie in [0, 1], got {args.gamma}."
+    if not 0 < args.tau <= 1:
+        return f"--tau must lie in (0, 1], got {args.tau}."
+    if not (0 <= args.end_e <= 1 and 0 <= args.start_e <= 1):
+        return f"--start-e and --end-e must lie in [0, 1], got {args.start_e} and {args.end_e}."
+    if not 0 < args.exploration_fraction <= 1:
+        return f"--exploration-fraction must lie in (0, 1], got {args.exploration_fraction}."
+    if args.learning_starts < 0 or args.learning_starts >= args.total_timesteps:
+        return (f"--learning-starts ({args.learning_starts}) must be at least 0 and below "
+                f"--total-timesteps ({args.total_timesteps}).")
+    if args.batch_size > args.buffer_size:
+        return f"--batch-size ({args.batch_size}) cannot exceed --buffer-size ({args.buffer_size})."
+    if args.save_demos is not None and os.path.exists(args.save_demos):
+        return f"--save-demos {args.save_demos} already exists; choose a new path, it is never overwritten."
+    if args.alpha < 0:
+        return f"--alpha must be at least 0, got {args.alpha}."
+    if not 0 <= args.beta_start <= 1:
+        return f"--beta-start must lie in [0, 1], got {args.beta_start}."
+    if not args.prior_eps > 0:
+        return f"--prior-eps must be positive, got {args.prior_eps}."
+    if args.env_id not in gym.registry:
+        return f"unknown environment id '{args.env_id}' (gymnasium.pprint_registry() lists them)."
+    return None
+
+
+def check_spaces(env: gym.Env, env_id: str) -> Optional[str]:
+    """Return one sentence when the environment's spaces are not ones this script handles."""
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        return (f"{env_id} has a {type(env.action_space).__name__} action space; this script needs "
+                f"discrete actions (for continuous actions use ddpg.py).")
+    if not isinstance(env.observation_space, (gym.spaces.Box, gym.spaces.Discrete)):
+        return f"{env_id} has a {type(env.observation_space).__name__} observation space; this script needs Box or Discrete."
+    return None
+
+
+def make_env(env_id: str, seed: int, capture_video: bool = False, run_name: str = "") -> gym.Env:
+    env = gym.make(env_id, render_mode="rgb_array" if capture_video else None)
+    if capture_video:
+        env = gym.wrappers.RecordVideo(env, f"videos/{run_name}", episode_trigger=lambda episode: episode == 0)
+    env.action_space.seed(seed)
+    return env
+
+
+class QNetwork(nn.Module):
+    """An MLP from an observation to one Q-value per action; Discrete observations are one-hot."""
+
+    def __init__(self, observation_space: gym.Space, n_actions: int, hidden_size: int):
+        super().__init__()
+        discrete = isinstance(observation_space, gym.spaces.Discrete)
+        self.n_states = int(observation_space.n) if discrete else None
+        in_features = self.n_states if discrete else int(np.prod(observation_space.shape))
+        self.network = nn.Sequential(
+            nn.Linear(in_features, hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, n_actions),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(encode_observations(x, self.n_states))
+
+
+def encode_observations(x: torch.Tensor, n_states: Optional[int]) -> torch.Tensor:
+    """Box observations flattened to floats; Discrete ones (state indices) one-hot encoded."""
+    if n_states is not None:
+        return F.one_hot(x.long(), n_states).float()
+    return x.float().flatten(start_dim=1)
+
+
+class ReplayBuffer:
+    """A circular buffer of preallocated numpy arrays, sampled in proportion to priority (Schaul et al. 2016, Algorithm 1).
+
+    Priorities p_i^alpha sit in the leaves of two binary trees stored as flat arrays: node k's
+    children are 2k and 2k + 1, the root is node 1, and slot i's leaf is node leaves + i, where
+    `leaves` is the capacity rounded up to a power of two. sum_tree[k] is the sum of the leaves
+    below k (for sampling), min_tree[k] their minimum (for the weights' normalization). Leaves of
+    empty or padding slots hold 0 in the sum tree and +inf in the min tree, so they are never drawn.
+    """
+
+    def __init__(self, capacity: int, observation_space: gym.Space, seed: int, alpha: float):
+        shape, dtype = observation_space.shape, observation_space.dtype
+        self.observations = np.zeros((capacity, *shape), dtype=dtype)
+        self.next_observations = np.zeros((capacity, *shape), dtype=dtype)
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.terminations = np.zeros(capacity, dtype=np.float32)
+        self.capacity, self.position, self.size = capacity, 0, 0
+        self.rng = np.random.default_rng(seed)
+        self.alpha = alpha
+        self.depth = (capacity - 1).bit_length()  # levels below the root: leaves = 2^depth >= capacity
+        self.leaves = 2 ** self.depth
+        self.sum_tree = np.zeros(2 * self.leaves, dtype=np.float64)
+        self.min_tree = np.full(2 * self.leaves, np.inf, dtype=np.float64)
+        self.max_priority = 1.0  # p_1 = 1, then max_i p_i (Algorithm 1, lines 2 and 6)
+
+    def add(self, obs, action: int, reward: float, next_obs, terminated: bool) -> None:
+        self.observations[self.position] = obs
+        self.next_observations[self.position] = next_obs
+        self.actions[self.position] = action
+        self.rewards[self.position] = reward
+        self.terminations[self.position] = terminated
+        # A new transition gets the maximal priority so far, so all experience is seen at least once (Sec. 3.2)
+        node = self.leaves + self.position
+        self.sum_tree[node] = self.min_tree[node] = self.max_priority ** self.alpha
+        while node > 1:  # one slot: a scalar walk up to the root beats a vector step per level
+            node //= 2
+            self.sum_tree[node] = self.sum_tree[2 * node] + self.sum_tree[2 * node + 1]
+            self.min_tree[node] = min(self.min_tree[2 * node], self.min_tree[2 * node + 1])
+        self.position = (self.position + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def update_priorities(self, indices: np.ndarray, priorities: np.ndarray) -> None:
+        """Set p_i for the slots `indices` (a repeated slot keeps its last priority), then refresh their ancestors."""
+        self.max_priority = max(self.max_priority, float(np.max(priorities)))
+        # numpy leaves the winner of a repeated index unspecified in a[idx] = v; keep each slot's last write
+        last = len(indices) - 1 - np.unique(indices[::-1], return_index=True)[1]
+        nodes = self.leaves + indices[last]
+        self.sum_tree[nodes] = self.min_tree[nodes] = priorities[last] ** self.alpha
+        # Row k: the ancestors k + 1 levels up. Siblings share a parent; writing it twice writes the same value.
+        parents = nodes >> np.arange(1, self.depth + 1)[:, None]
+        for parent, left, right in zip(parents, 2 * parents, 2 * parents + 1):  # one vector step per level, up
+            self.sum_tree[parent] = self.sum_tree[left] + self.sum_tree[right]
+            self.min_tree[parent] = np.minimum(self.min_tree[left], self.min_tree[right])
+
+    def find_prefix_sums(self, values: np.ndarray) -> np.ndarray:
+        """For each value v in [0, total), the slot i whose leaf spans v in the running sum of the leaves."""
+        nodes = np.ones(len(values), dtype=np.int64)
+        for _ in range(self.depth):  # one vector step per level, root to leaves
+            left = 2 * nodes
+            left_sums = self.sum_tree[left]
+            go_right = values >= left_sums  # v is past the left subtree: look for v - left_sum on the right
+            values = np.where(go_right, values - left_sums, values)
+            nodes = left + go_right
+        # Only the slots from size on hold 0; a rounding error that runs past the last filled slot lands on it
+        return np.minimum(nodes - self.leaves, self.size - 1)
+
+    def sample_indices(self, batch_size: int) -> np.ndarray:
+        """Stratified: cut [0, total) into batch_size equal segments, draw one value in each (Appendix B.2.1)."""
+        segment = self.sum_tree[1] / batch_size
+        return self.find_prefix_sums((np.arange(batch_size) + self.rng.random(batch_size)) * segment)
+
+    def importance_weights(self, indices: np.ndarray, beta: float) -> np.ndarray:
+        """w_j = (N * P(j))^-beta / max_i w_i (Algorithm 1, line 10), computed as (p_j^alpha / min_i p_i^alpha)^-beta.
+
+        As in the paper and OpenAI Baselines, the max is over the whole buffer (reached at the minimal
+        priority), not over the batch as in CleanRL's Rainbow or Tianshou: the scale of a transition's
+        weight then does not depend on which other transitions share its batch, and weights only
+        ever scale the update down. N and the total cancel, and alpha 0 gives exactly 1.
+        """
+        return (self.sum_tree[self.leaves + indices] / self.min_tree[1]) ** -beta
+
+    def sample(self, batch_size: int, beta: float):
+        idx = self.sample_indices(batch_size)
+        return (self.observations[idx], self.actions[idx], self.rewards[idx],
+                self.next_observations[idx], self.terminations[idx],
+                self.importance_weights(idx, beta).astype(np.float32), idx)
+
+
+def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
+    """Epsilon decays linearly from start_e to end_e over `duration` steps, then stays at end_e."""
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e) if end_e <= start_e else min(slope * t + start_e, end_e)
+
+
+def td_target(rewards: torch.Tensor, next_q_online: torch.Tensor, next_q_target: torch.Tensor, terminations: torch.Tensor,
+              gamma: float) -> torch.Tensor:
+    """y = r + gamma * Q_target(s', argmax_a' Q(s', a')), no bootstrap past a termination (van Hasselt et al. 2016, eq. 4)."""
+    next_actions = next_q_online.argmax(dim=1, keepdim=True)  # the online network picks a', the target network values it
+    return rewards + gamma * next_q_target.gather(1, next_actions).squeeze(1) * (1.0 - terminations)
+
+
+def greedy_action(q_network: nn.Module, obs, device: torch.device) -> int:
+    with torch.no_grad():
+        return int(q_network(torch.as_tensor(obs, device=device).unsqueeze(0)).argmax(dim=1).item())
+
+
+def evaluate(q_network: nn.Module, env: gym.Env, episodes: int, seed: int, device: torch.device) -> list:
+    """Returns of `episodes` greedy episodes (epsilon 0)."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    while len(returns) < episodes:
+        episode_return, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(greedy_action(q_network, obs, device))
+            episode_return += float(reward)
+            done = terminated or truncated
+        returns.append(episode_return)
+        obs, _ = env.reset()
+    return returns
+
+
+def record_demos(q_network: nn.Module, env: gym.Env, episodes: int, seed: int, device: torch.device) -> np.ndarray:
+    """Greedy episodes as an object array of episodes, each a list of [state, action, reward, next_state, done].
+
+    `done` is gymnasium's `terminated` (the bootstrap mask); an episode cut by a time limit ends its
+    list with done False.
+    """
+    demos = np.empty(episodes, dtype=object)
+    obs, _ = env.reset(seed=seed)
+    for episode in range(episodes):
+        steps, done = [], False
+        while not done:
+            action = greedy_action(q_network, obs, device)
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            steps.append([np.array(obs), action, float(reward), np.array(next_obs), bool(terminated)])
+            obs, done = next_obs, terminated or truncated
+        demos[episode] = steps
+        obs, _ = env.reset()
+    return demos
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    error = check_args(args)
+    if error:
+        fail(error)
+    if args.capture_video:
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # render headless
+        try:
+            import moviepy  # noqa: F401  (gymnasium's RecordVideo writes mp4 files with it)
+        except ImportError:
+            fail("--capture-video needs moviepy to write videos: pip install moviepy")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # Seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.use_deterministic_algorithms(args.torch_deterministic)
+    torch.set_num_threads(1)  # a small network on a CPU runs fastest on one thread
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Environments: one for training, stepped directly, and one for evaluation
+    try:
+        env = make_env(args.env_id, args.seed)
+        eval_env = make_env(args.env_id, args.seed + 1, args.capture_video, run_name)
+    except gym.error.Error as e:
+        fail(f"cannot make {args.env_id}: {e}")
+    error = check_spaces(env, args.env_id)
+    if error:
+        fail(error)
+
+    q_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)  # fused: one kernel per step
+    target_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    rb = ReplayBuffer(args.buffer_size, env.observation_space, args.seed, args.alpha)
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+    )
+    print(f"{args.exp_name} on {args.env_id}, seed {args.seed}: logging to runs/{run_name}")
+
+    start_time = time.time()
+    recent_returns = []
+    progress_every = max(args.total_timesteps // 10, 1)
+    obs, _ = env.reset(seed=args.seed)
+    episode_return, episode_length = 0.0, 0
+    for global_step in range(1, args.total_timesteps + 1):
+        # Epsilon-greedy action (Mnih et al. 2015, Algorithm 1)
+        epsilon = linear_schedule(args.start_e, args.end_e, int(args.exploration_fraction * args.total_timesteps), global_step)
+        if random.random() < epsilon:
+            action = int(env.action_space.sample())
+        else:
+            action = greedy_action(q_network, obs, device)
+
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        # Store the true next observation and `terminated` as the bootstrap mask, so a time-limit
+        # truncation still bootstraps from the state it stopped in.
+        rb.add(obs, action, reward, next_obs, terminated)
+        obs = next_obs
+        episode_return += float(reward)
+        episode_length += 1
+        if terminated or truncated:
+            writer.add_scalar("charts/episodic_return", episode_return, global_step)
+            writer.add_scalar("charts/episodic_length", episode_length, global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            recent_returns = (recent_returns + [episode_return])[-10:]
+            obs, _ = env.reset()
+            episode_return, episode_length = 0.0, 0
+
+        if global_step > args.learning_starts:
+            if global_step % args.train_frequency == 0:
+                # beta anneals linearly to 1, where the correction is full, by the end of training (Sec. 3.4)
+                beta = linear_schedule(args.beta_start, 1.0, args.total_timesteps, global_step)
+                *batch, indices = rb.sample(args.batch_size, beta)
+                observations, actions, rewards, next_observations, terminations, weights = (
+                    torch.as_tensor(array, device=device) for array in batch
+                )
+                with torch.no_grad():
+                    target = td_target(rewards, q_network(next_observations), target_network(next_observations),
+                                       terminations, args.gamma)
+                q_values = q_network(observations).gather(1, actions.unsqueeze(1)).squeeze(1)
+                # Huber loss: the paper clips the error term to [-1, 1] (Mnih et al. 2015, Methods),
+                # each sample's term scaled by its importance weight w_j (Algorithm 1, line 13)
+                loss = (weights * F.smooth_l1_loss(q_values, target, reduction="none")).mean()
+                if not torch.isfinite(loss):
+                    fail(f"the loss became {loss.item()} at step {global_step}; try a smaller --learning-rate.")
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                # p_j = |delta_j| + eps (Sec. 3.3; Algorithm 1, line 12)
+                rb.update_priorities(indices, (target - q_values).abs().detach().cpu().numpy() + args.prior_eps)
+
+                if global_step % 100 == 0:
+                    writer.add_scalar("losses/td_loss", loss.item(), global_step)
+                    writer.add_scalar("losses/q_values", q_values.mean().item(), global_step)
+                    writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+                    writer.add_scalar("charts/beta", beta, global_step)
+
+            # theta_target <- tau * theta + (1 - tau) * theta_target; tau 1 is the paper's hard copy
+            if global_step % args.target_network_frequency == 0:
+                with torch.no_grad():
+                    for target_param, param in zip(target_network.parameters(), q_network.parameters()):
+                        target_param.lerp_(param, args.tau)
+
+        if global_step % progress_every == 0:
+            recent = f"{np.mean(recent_returns):8.1f}" if recent_returns else "       -"
+            print(f"step {global_step:>8}/{args.total_timesteps}  return (last 10 episodes) {recent}  "
+                  f"epsilon {epsilon:.3f}  {int(global_step / (time.time() - start_time))} steps/s", flush=True)
+    train_time = time.time() - start_time
+
+    eval_returns = evaluate(q_network, eval_env, args.eval_episodes, args.seed + 1, device)
+    for episode, episode_return in enumerate(eval_returns):
+        writer.add_scalar("eval/episodic_return", episode_return, episode)
+    model_path = None
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.pt"
+        torch.save(q_network.state_dict(), model_path + ".tmp")
+        os.replace(model_path + ".tmp", model_path)  # an interrupted save never leaves half a file
+    if args.save_demos is not None:
+        demos = record_demos(q_network, make_env(args.env_id, args.seed + 2), args.demo_episodes, args.seed + 2, device)
+        try:
+            with open(args.save_demos, "xb") as demo_file:  # "x": never overwrite an existing file
+                np.save(demo_file, demos, allow_pickle=True)
+        except FileExistsError:
+            fail(f"--save-demos {args.save_demos} appeared during training; it was left untouched.")
+        for episode, steps in enumerate(demos):
+            print(f"demo episode {episode}: return {sum(step[2] for step in steps):.1f}, {len(steps)} steps")
+    env.close()
+    eval_env.close()
+    writer.close()
+
+    print(f"eval: {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over {args.eval_episodes} greedy episodes")
+    print(f"wall time: {time.time() - start_time:.1f} s ({int(args.total_timesteps / train_time)} steps/s in training)")
+    print(f"run: runs/{run_name}")
+    print(f"model: {model_path or 'not saved (add --save-model)'}")
+    if args.save_demos is not None:
+        print(f"demos: {args.save_demos}")
