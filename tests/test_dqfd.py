@@ -1,0 +1,310 @@
+"""dqfd.py: the demonstration loader, the DQfD losses and buffer against hand-worked numbers, and the
+script run as a user runs it, with the shipped demo_traj_2.npy."""
+
+import io
+import os
+import pickle
+import shutil
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import dqfd
+from helpers import ROOT, assert_one_line_error, only_run_dir, read_scalars, run_ok, run_script
+
+CARTPOLE_OBS = gym.spaces.Box(-np.inf, np.inf, shape=(4,), dtype=np.float32)
+SHORT = ["--total-timesteps", "300", "--pretrain-steps", "100", "--eval-episodes", "2"]
+
+
+def cartpole_step(t: int, action: int = 1, done: bool = False) -> list:
+    """A [state, action, reward, next_state, done] step whose states are [t, t, t, t] and [t+1, ...]."""
+    return [np.full(4, t, dtype=np.float32), action, 1.0, np.full(4, t + 1, dtype=np.float32), done]
+
+
+def save(path, array) -> str:
+    np.save(path, array, allow_pickle=True)
+    return str(path)
+
+
+def object_array(episodes: list) -> np.ndarray:
+    """A 1-D object array of episodes, as dqn.py --save-demos writes (whatever the episodes' lengths)."""
+    array = np.empty(len(episodes), dtype=object)
+    for i, episode in enumerate(episodes):
+        array[i] = episode
+    return array
+
+
+# --- Loading: every accepted layout -----------------------------------------------------------
+
+def test_loads_episodes_of_different_lengths(tmp_path):
+    # Episode 0: 3 steps, the last one terminated; episode 1: 2 steps cut by a time limit (done False).
+    episodes = [[cartpole_step(0), cartpole_step(1, action=0), cartpole_step(2, done=True)],
+                [cartpole_step(10, action=0), cartpole_step(11)]]
+    demos = dqfd.load_demonstrations(save(tmp_path / "d.npy", object_array(episodes)), CARTPOLE_OBS, gym.spaces.Discrete(2))
+    np.testing.assert_array_equal(demos["observations"][:, 0], [0, 1, 2, 10, 11])
+    np.testing.assert_array_equal(demos["next_observations"][:, 3], [1, 2, 3, 11, 12])
+    np.testing.assert_array_equal(demos["actions"], [1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(demos["rewards"], [1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(demos["terminations"], [0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(demos["episode_ends"], [False, False, True, False, True])
+    assert demos["observations"].dtype == np.float32 and demos["actions"].dtype == np.int64
+
+
+def test_loads_the_3d_array_np_array_makes_from_equal_length_episodes(tmp_path):
+    episodes = [[cartpole_step(0), cartpole_step(1, action=0)], [cartpole_step(5), cartpole_step(6, done=True)]]
+    array = np.array(episodes, dtype=object)
+    assert array.shape == (2, 2, 5)  # the layout under test: steps are rows, not lists
+    demos = dqfd.load_demonstrations(save(tmp_path / "d.npy", array), CARTPOLE_OBS, gym.spaces.Discrete(2))
+    np.testing.assert_array_equal(demos["observations"][:, 0], [0, 1, 5, 6])
+    np.testing.assert_array_equal(demos["actions"], [1, 0, 1, 1])
+    np.testing.assert_array_equal(demos["terminations"], [0, 0, 0, 1])
+    np.testing.assert_array_equal(demos["episode_ends"], [False, True, False, True])
+
+
+def test_loads_tuples_lists_and_numpy_scalars_inside(tmp_path):
+    step_as_tuple = (np.zeros(4), np.int64(1), np.float32(0.5), [1.0, 2.0, 3.0, 4.0], np.bool_(False))
+    step_of_lists = [[1.0, 2.0, 3.0, 4.0], 0, -1, (2.0, 2.0, 2.0, 2.0), True]
+    array = object_array([(step_as_tuple, step_of_lists)])
+    demos = dqfd.load_demonstrations(save(tmp_path / "d.npy", array), CARTPOLE_OBS, gym.spaces.Discrete(2))
+    np.testing.assert_array_equal(demos["observations"], [[0, 0, 0, 0], [1, 2, 3, 4]])
+    np.testing.assert_array_equal(demos["next_observations"], [[1, 2, 3, 4], [2, 2, 2, 2]])
+    np.testing.assert_array_equal(demos["actions"], [1, 0])
+    np.testing.assert_array_equal(demos["rewards"], [0.5, -1.0])
+    np.testing.assert_array_equal(demos["terminations"], [0, 1])
+
+
+def test_loads_a_plain_number_array_for_discrete_observations(tmp_path):
+    # Taxi-like: states are integers, so np.array makes a plain float array of shape (1, 2, 5).
+    array = np.array([[[3, 2, -1.0, 4, 0], [4, 5, 20.0, 7, 1]]])
+    demos = dqfd.load_demonstrations(save(tmp_path / "d.npy", array), gym.spaces.Discrete(500), gym.spaces.Discrete(6))
+    np.testing.assert_array_equal(demos["observations"], [3, 4])
+    np.testing.assert_array_equal(demos["next_observations"], [4, 7])
+    np.testing.assert_array_equal(demos["actions"], [2, 5])
+    np.testing.assert_array_equal(demos["rewards"], [-1.0, 20.0])
+    np.testing.assert_array_equal(demos["episode_ends"], [False, True])
+
+
+def test_loads_the_shipped_file():
+    env = gym.make("CartPole-v1")
+    demos = dqfd.load_demonstrations(str(ROOT / "demo_traj_2.npy"), env.observation_space, env.action_space)
+    # Two greedy episodes of 500 steps, both cut by the time limit: never terminated, reward 1 a step.
+    assert len(demos["actions"]) == 1000 and demos["rewards"].sum() == 1000
+    assert demos["terminations"].sum() == 0 and np.flatnonzero(demos["episode_ends"]).tolist() == [499, 999]
+    np.testing.assert_array_equal(demos["next_observations"][:499], demos["observations"][1:500])
+
+
+# --- Loading: refusals, each one sentence naming where --------------------------------------
+
+def refusal(path, observation_space=CARTPOLE_OBS) -> str:
+    with pytest.raises(ValueError) as error:
+        dqfd.load_demonstrations(str(path), observation_space, gym.spaces.Discrete(2))
+    message = str(error.value)
+    assert "\n" not in message and message.endswith(".")
+    return message
+
+
+def test_refuses_a_wrong_state_shape(tmp_path):
+    bad = cartpole_step(1)
+    bad[0] = np.zeros(3)
+    path = save(tmp_path / "d.npy", object_array([[cartpole_step(0)], [cartpole_step(0), bad]]))
+    message = refusal(path)
+    assert "episode 1, step 1" in message and "(3,)" in message and "(4,)" in message
+
+
+def test_refuses_an_action_outside_the_action_space(tmp_path):
+    path = save(tmp_path / "d.npy", object_array([[cartpole_step(0), cartpole_step(1, action=2)]]))
+    message = refusal(path)
+    assert "episode 0, step 1" in message and "action 2" in message and "Discrete(2)" in message
+    path = save(tmp_path / "e.npy", object_array([[cartpole_step(0, action=0.5)]]))
+    assert "action 0.5" in refusal(path)
+
+
+def test_refuses_a_nan(tmp_path):
+    bad = cartpole_step(2)
+    bad[3] = np.array([0.0, np.nan, 0.0, 0.0])
+    path = save(tmp_path / "d.npy", object_array([[cartpole_step(0), cartpole_step(1), bad]]))
+    message = refusal(path)
+    assert "episode 0, step 2" in message and "next_state" in message and "nan" in message
+    bad = cartpole_step(0)
+    bad[2] = float("inf")
+    assert "reward inf" in refusal(save(tmp_path / "e.npy", object_array([[bad]])))
+
+
+def test_refuses_a_step_that_is_not_five_fields_and_an_empty_file(tmp_path):
+    path = save(tmp_path / "d.npy", object_array([[cartpole_step(0)[:4]]]))
+    assert "episode 0, step 0 is not a [state, action, reward, next_state, done] step" in refusal(path)
+    assert "no transitions" in refusal(save(tmp_path / "e.npy", object_array([[], []])))
+
+
+def test_refuses_a_truncated_file(tmp_path):
+    whole = (ROOT / "demo_traj_2.npy").read_bytes()
+    for cut in [len(whole) // 2, 100, 10]:  # in the pickle, in the header, in the magic string
+        (tmp_path / "d.npy").write_bytes(whole[:cut])
+        message = refusal(tmp_path / "d.npy")
+        assert "truncated or corrupt" in message or "not a .npy file" in message, message
+
+
+def test_refuses_a_missing_file_and_says_how_to_record_one(tmp_path):
+    message = refusal(tmp_path / "nowhere.npy")
+    assert "does not exist" in message and "python dqn.py --save-demos" in message
+
+
+class RunsCode:
+    """Unpickling this calls os.system, which here creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "the_code_ran"
+    step = cartpole_step(0)
+    step[2] = RunsCode(marker)
+    path = save(tmp_path / "d.npy", object_array([[step]]))
+    message = refusal(path)
+    assert "refused" in message and "system" in message
+    assert not marker.exists()
+    # The fixture is real: numpy's own loader with pickles allowed does run it.
+    np.load(path, allow_pickle=True)
+    assert marker.exists()
+
+
+def test_the_unpickler_admits_only_numpy_and_plain_python():
+    unpickler = dqfd.DemoUnpickler(io.BytesIO())
+    for module, name in [("builtins", "eval"), ("builtins", "getattr"), ("os", "system"), ("subprocess", "Popen"),
+                         ("numpy", "load"), ("numpy.testing", "assert_equal")]:
+        with pytest.raises(pickle.UnpicklingError):
+            unpickler.find_class(module, name)
+    # numpy 1.x names of the same reconstruction functions are accepted
+    assert unpickler.find_class("numpy.core.multiarray", "_reconstruct") is np.ndarray.__reduce__(np.zeros(1))[0]
+
+
+# --- The DQfD pieces, by hand ------------------------------------------------------------------
+
+def test_margin_loss_by_hand():
+    q_values = torch.tensor([[3.0, 1.0, 0.5],   # a_E = 0 leads by 2 > 0.8: max(3, 1.8, 1.3) - 3 = 0
+                             [1.0, 1.5, 0.2],   # a_E = 0 trails: max(1, 2.3, 1.0) - 1 = 1.3
+                             [2.0, 1.5, 0.0],   # a_E = 0 leads by only 0.5: max(2, 2.3, 0.8) - 2 = 0.3
+                             [0.0, 4.0, 1.0]])  # a_E = 2: max(0.8, 4.8, 1.0) - 1 = 3.8
+    loss = dqfd.margin_loss(q_values, torch.tensor([0, 0, 0, 2]), margin=0.8)
+    torch.testing.assert_close(loss, torch.tensor([0.0, 1.3, 0.3, 3.8]))
+
+
+def test_supervised_loss_counts_on_demonstrations_only():
+    q_values = torch.tensor([[1.0, 1.5], [1.0, 1.5]], requires_grad=True)
+    actions = torch.tensor([0, 0])  # both rows break the margin: J_E = max(1.0, 1.5 + 0.8) - 1.0 = 1.3
+    q_taken = torch.tensor([1.0, 1.0])
+    target = q_taken + torch.tensor([0.5, 2.0])  # Huber: 0.5 * 0.5^2 = 0.125, and 2.0 - 0.5 = 1.5
+    is_demo, weights = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 1.0])
+    losses = dqfd.dqfd_losses(q_values, actions, target, None, is_demo, weights, lambda_n=0.0, lambda_e=2.0, margin=0.8)
+    assert set(losses) == {"td_loss", "margin_loss"}  # lambda_n 0: no n-step term at all
+    # J_DQ: mean(0.5 * 0.125, 1.0 * 1.5) = 0.78125;  lambda2 J_E: 2 * mean(0.5 * 1.3, 0 * 1.3) = 0.65
+    torch.testing.assert_close(losses["td_loss"], torch.tensor(0.78125))
+    torch.testing.assert_close(losses["margin_loss"], torch.tensor(0.65))
+    # The agent's row gets no gradient from J_E: d/dQ of 2 * 0.5 * (Q(s, 1) + 0.8 - Q(s, 0)) / 2 = (-0.5, 0.5)
+    losses["margin_loss"].backward()
+    torch.testing.assert_close(q_values.grad, torch.tensor([[-0.5, 0.5], [0.0, 0.0]]))
+    n_step_target = q_taken + torch.tensor([1.0, 0.0])  # Huber 0.5 on the demo row, weighted 0.5: mean 0.125
+    losses = dqfd.dqfd_losses(q_values, actions, target, n_step_target, is_demo, weights, 1.0, 0.0, 0.8)
+    assert set(losses) == {"td_loss", "n_step_loss"}
+    torch.testing.assert_close(losses["n_step_loss"], torch.tensor(0.125))
+
+
+def test_demo_priority_bonus():
+    priorities = dqfd.dqfd_priorities(np.array([0.5, -0.5, 0.0]), np.array([True, False, True]), 1.0, 0.001)
+    np.testing.assert_allclose(priorities, [1.5, 0.501, 1.0])
+    buffer = dqfd.ReplayBuffer(4, CARTPOLE_OBS, seed=0, alpha=0.5)
+    buffer.update_priorities(np.array([0, 1, 2]), priorities)
+    # leaves hold p^alpha: sqrt(1.5) = 1.2247449, sqrt(0.501) = 0.7078135, sqrt(1.0) = 1
+    np.testing.assert_allclose(buffer.sum_tree[buffer.leaves:][:3], [1.2247449, 0.7078135, 1.0], rtol=1e-6)
+
+
+def filled_buffer(capacity: int, demo_rewards: list, demo_ends: list) -> dqfd.ReplayBuffer:
+    space = gym.spaces.Box(-np.inf, np.inf, shape=(1,), dtype=np.float32)
+    buffer = dqfd.ReplayBuffer(capacity, space, seed=0, alpha=0.4)
+    n = len(demo_rewards)
+    buffer.add_demonstrations({
+        "observations": -np.arange(1, n + 1, dtype=np.float32)[:, None], "actions": np.ones(n, dtype=np.int64),
+        "rewards": np.array(demo_rewards, dtype=np.float32), "next_observations": -np.arange(2, n + 2, dtype=np.float32)[:, None],
+        "terminations": np.zeros(n, dtype=np.float32), "episode_ends": np.array(demo_ends)})
+    return buffer
+
+
+def test_n_step_returns_across_a_termination_and_a_truncation():
+    # Slots 0-2: a demonstration episode cut by a time limit (rewards 1, 2, 3; it bootstraps).
+    buffer = filled_buffer(8, [1.0, 2.0, 3.0], [False, False, True])
+    buffer.add(np.array([3.0]), 0, 10.0, np.array([4.0]), terminated=False, episode_end=False)  # slot 3
+    buffer.add(np.array([4.0]), 0, 20.0, np.array([5.0]), terminated=True, episode_end=True)    # slot 4, terminated
+    buffer.add(np.array([5.0]), 0, 100.0, np.array([6.0]), terminated=False, episode_end=False)  # slot 5
+    buffer.add(np.array([6.0]), 0, 200.0, np.array([7.0]), terminated=False, episode_end=False)  # slot 6, newest
+    returns, nth_observations, nth_terminations, discounts = buffer.n_step(np.array([0, 1, 2, 3, 4, 5, 6]), n=3, gamma=0.5)
+    # slot 0: 1 + 0.5 * 2 + 0.25 * 3 = 2.75 over 3 steps;  slot 1: 2 + 0.5 * 3 = 3.5, cut at the truncation
+    # slot 2: 3;  slot 3: 10 + 0.5 * 20 = 20, cut at the termination;  slot 4: 20
+    # slot 5: 100 + 0.5 * 200 = 200, cut at the newest transition;  slot 6: 200
+    np.testing.assert_allclose(returns, [2.75, 3.5, 3.0, 20.0, 20.0, 200.0, 200.0])
+    np.testing.assert_allclose(discounts, [0.125, 0.25, 0.5, 0.25, 0.5, 0.25, 0.5])  # gamma^m
+    np.testing.assert_array_equal(nth_observations[:, 0], [-4, -4, -4, 5, 5, 7, 7])  # s_{t+m}
+    np.testing.assert_array_equal(nth_terminations, [0, 0, 0, 1, 1, 0, 0])  # only the termination stops bootstrapping
+    # The n-step Double DQN target: the online net picks action 1, the target net values it at 20:
+    # slot 0: 2.75 + 0.125 * 20 = 5.25;  slot 3: 20 + 0 (terminated)
+    target = dqfd.td_target(torch.tensor([2.75, 20.0]), torch.tensor([[1.0, 2.0], [1.0, 2.0]]),
+                            torch.tensor([[10.0, 20.0], [10.0, 20.0]]), torch.tensor([0.0, 1.0]), torch.tensor([0.125, 0.25]))
+    torch.testing.assert_close(target, torch.tensor([5.25, 20.0]))
+
+
+def test_demonstrations_survive_buffer_wrap_around():
+    buffer = filled_buffer(5, [1.0, 2.0], [False, True])  # slots 0-1: demonstrations; 2-4: the agent's
+    for i in range(1, 8):  # one long episode of rewards 1..7 into 3 slots: slots 2, 3, 4, 2, 3, 4, 2
+        buffer.add(np.array([float(i)]), 0, float(i), np.array([i + 1.0]), terminated=False, episode_end=False)
+    assert buffer.size == 5 and buffer.position == 3 and buffer.demo_size == 2
+    np.testing.assert_array_equal(buffer.rewards, [1, 2, 7, 5, 6])
+    np.testing.assert_array_equal(buffer.observations[:2, 0], [-1, -2])  # the demonstrations, untouched
+    np.testing.assert_array_equal(buffer.actions, [1, 1, 0, 0, 0])
+    # n-step from slot 3 (reward 5) wraps from slot 4 to slot 2, not into the demonstrations:
+    # 5 + 0.5 * 6 + 0.25 * 7 = 9.75;  from slot 2 (the newest, reward 7) it stops at once: 7
+    returns, nth_observations, _, discounts = buffer.n_step(np.array([3, 2]), n=3, gamma=0.5)
+    np.testing.assert_allclose(returns, [9.75, 7.0])
+    np.testing.assert_allclose(discounts, [0.125, 0.5])
+    np.testing.assert_array_equal(nth_observations[:, 0], [8.0, 8.0])
+    # Demonstrations stay sampleable: their leaves keep the initial priority 1.
+    np.testing.assert_allclose(buffer.sum_tree[buffer.leaves:][:2], [1.0, 1.0])
+    assert set(buffer.sample_indices(64).tolist()) >= {0, 1}
+
+
+# --- The script, as a user runs it -------------------------------------------------------------
+
+def test_smoke_run_with_the_shipped_demonstrations(tmp_path):
+    shutil.copy(ROOT / "demo_traj_2.npy", tmp_path)  # the default --demo-path, as from the repo root
+    result = run_ok("dqfd.py", *SHORT, cwd=tmp_path)
+    assert "pre-trained for 100 steps on 1000 demonstration transitions" in result.stdout
+    assert "episodes to threshold: not reached in" in result.stdout and "eval:" in result.stdout
+    scalars = read_scalars(only_run_dir(tmp_path))
+    for tag in ["pretrain/td_loss", "pretrain/n_step_loss", "pretrain/margin_loss", "pretrain/l2_loss", "pretrain/loss",
+                "losses/td_loss", "losses/n_step_loss", "losses/margin_loss", "losses/l2_loss", "losses/loss",
+                "losses/q_values", "charts/episodic_return", "charts/beta", "eval/episodic_return"]:
+        assert scalars.get(tag), tag
+
+
+def test_smoke_ablations_remove_their_losses(tmp_path):
+    flags = ["--lambda-n", "0", "--lambda-e", "0", "--l2", "0", "--no-use-per", "--pretrain-steps", "0"]
+    run_ok("dqfd.py", "--demo-path", str(ROOT / "demo_traj_2.npy"), *SHORT[:2], "--eval-episodes", "1", *flags, cwd=tmp_path)
+    scalars = read_scalars(only_run_dir(tmp_path))
+    assert scalars.get("losses/td_loss")
+    for tag in ["losses/n_step_loss", "losses/margin_loss", "losses/l2_loss"] + [t for t in scalars if t.startswith("pretrain/")]:
+        assert tag not in scalars, tag
+
+
+def test_bad_demo_files_end_with_one_sentence(tmp_path):
+    result = run_script("dqfd.py", "--demo-path", "missing.npy", cwd=tmp_path)
+    assert_one_line_error(result, "missing.npy", "python dqn.py --save-demos")
+    save(tmp_path / "bad.npy", object_array([[cartpole_step(0), cartpole_step(1, action=3)]]))
+    assert_one_line_error(run_script("dqfd.py", "--demo-path", "bad.npy", cwd=tmp_path), "episode 0, step 1", "action 3")
+    result = run_script("dqfd.py", "--demo-path", str(ROOT / "demo_traj_2.npy"), "--buffer-size", "500", cwd=tmp_path)
+    assert_one_line_error(result, "--buffer-size", "1000 demonstration transitions")
+    assert_one_line_error(run_script("dqfd.py", "--n-step", "0", cwd=tmp_path), "--n-step")
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
