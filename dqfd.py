@@ -234,7 +234,12 @@ class ReplayBuffer:
         self.terminations[self.position] = terminated
         self.episode_ends[self.position] = episode_end
         # A new transition gets the maximal priority so far, so all experience is seen at least once (Sec. 3.2)
-        self.update_priorities(np.array([self.position]), np.array([self.max_priority]))
+        node = self.leaves + self.position
+        self.sum_tree[node] = self.min_tree[node] = self.max_priority ** self.alpha
+        while node > 1:  # one slot: a scalar walk up to the root beats a vector step per level
+            node //= 2
+            self.sum_tree[node] = self.sum_tree[2 * node] + self.sum_tree[2 * node + 1]
+            self.min_tree[node] = min(self.min_tree[2 * node], self.min_tree[2 * node + 1])
         self.position = self.position + 1 if self.position + 1 < self.capacity else self.demo_size  # demos stay
         self.size = min(self.size + 1, self.capacity)
 
@@ -277,11 +282,11 @@ class ReplayBuffer:
         last = len(indices) - 1 - np.unique(indices[::-1], return_index=True)[1]
         nodes = self.leaves + indices[last]
         self.sum_tree[nodes] = self.min_tree[nodes] = priorities[last] ** self.alpha
-        for _ in range(self.depth):  # one vector step per level, leaves to root
-            nodes = nodes // 2  # siblings share a parent; writing it twice writes the same value
-            left = 2 * nodes
-            self.sum_tree[nodes] = self.sum_tree[left] + self.sum_tree[left + 1]
-            self.min_tree[nodes] = np.minimum(self.min_tree[left], self.min_tree[left + 1])
+        # Row k: the ancestors k + 1 levels up. Siblings share a parent; writing it twice writes the same value.
+        parents = nodes >> np.arange(1, self.depth + 1)[:, None]
+        for parent, left, right in zip(parents, 2 * parents, 2 * parents + 1):  # one vector step per level, up
+            self.sum_tree[parent] = self.sum_tree[left] + self.sum_tree[right]
+            self.min_tree[parent] = np.minimum(self.min_tree[left], self.min_tree[right])
 
     def find_prefix_sums(self, values: np.ndarray) -> np.ndarray:
         """For each value v in [0, total), the slot i whose leaf spans v in the running sum of the leaves."""
@@ -289,11 +294,11 @@ class ReplayBuffer:
         for _ in range(self.depth):  # one vector step per level, root to leaves
             left = 2 * nodes
             left_sums = self.sum_tree[left]
-            # go right when v is past the left subtree, unless the right one is empty (a rounding error)
-            go_right = (values >= left_sums) & (self.sum_tree[left + 1] > 0)
+            go_right = values >= left_sums  # v is past the left subtree: look for v - left_sum on the right
             values = np.where(go_right, values - left_sums, values)
             nodes = left + go_right
-        return nodes - self.leaves
+        # Only the slots from size on hold 0; a rounding error that runs past the last filled slot lands on it
+        return np.minimum(nodes - self.leaves, self.size - 1)
 
     def sample_indices(self, batch_size: int) -> np.ndarray:
         """Stratified: cut [0, total) into batch_size equal segments, draw one value in each (Appendix B.2.1)."""
