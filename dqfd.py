@@ -55,7 +55,7 @@ class Args:
     """the Adam learning rate"""
     buffer_size: int = 50_000
     """the replay buffer's capacity in transitions"""
-    gamma: float = 0.99
+    gamma: float = 0.95
     """the discount factor"""
     tau: float = 0.005
     """target network update rate (1.0: the paper's hard copy every target_network_frequency steps)"""
@@ -98,7 +98,7 @@ class Args:
     lambda_e: float = 1.0
     """weight lambda2 of the supervised large-margin loss J_E (0 removes it)"""
     l2: float = 1e-5
-    """weight lambda3 of the L2 loss on the network's weights and biases (0 removes it)"""
+    """weight lambda3 of the L2 loss lambda3/2 * |theta|^2 on the weights and biases (Adam's weight decay; 0 removes it)"""
 
 
 def fail(message: str) -> None:
@@ -554,8 +554,6 @@ def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch
     q_values = q_network(observations)
     losses = dqfd_losses(q_values, actions, target, n_step_target, torch.as_tensor(is_demo, dtype=torch.float32, device=device),
                          weights, args.lambda_n, args.lambda_e, args.margin)
-    if args.l2 > 0:
-        losses["l2_loss"] = args.l2 * sum(param.pow(2).sum() for param in q_network.parameters())
     loss = losses["loss"] = sum(losses.values())
     if not torch.isfinite(loss):
         fail(f"the loss became {loss.item()} {where}; try a smaller --learning-rate.")
@@ -617,7 +615,8 @@ if __name__ == "__main__":
              f"which stay in the buffer for good.")
 
     q_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)  # fused: one kernel per step
+    # J_L2 = lambda3/2 * |theta|^2 on weights and biases: its gradient, lambda3 * theta, is Adam's weight decay (eq. 5)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, weight_decay=args.l2, fused=True)
     target_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
     target_network.load_state_dict(q_network.state_dict())
     rb = ReplayBuffer(args.buffer_size, env.observation_space, args.seed, args.alpha if args.use_per else 0.0)
