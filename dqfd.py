@@ -45,7 +45,7 @@ class Args:
     """how many episodes --save-demos records"""
     env_id: str = "CartPole-v1"
     """the Gymnasium environment id"""
-    total_timesteps: int = 30_000
+    total_timesteps: int = 15_000
     """environment steps of training"""
     eval_episodes: int = 10
     """greedy episodes in the final evaluation"""
@@ -71,7 +71,7 @@ class Args:
     """the fraction of total_timesteps over which epsilon decays linearly from start_e to end_e"""
     learning_starts: int = 0
     """environment steps of random play before learning starts"""
-    train_frequency: int = 1
+    train_frequency: int = 2
     """environment steps between gradient steps"""
     hidden_size: int = 128
     """units in each of the network's two hidden layers"""
