@@ -78,8 +78,9 @@ class Args:
     """prioritization exponent: P(i) = p_i^alpha / sum_k p_k^alpha (0: uniform sampling)"""
     beta_start: float = 0.4
     """importance-sampling exponent at the start; it grows linearly to 1 over total_timesteps"""
-    prior_eps: float = 1e-6
-    """the small constant in p_i = |delta_i| + eps that keeps every transition sampleable"""
+    prior_eps: float = 1e-2
+    """eps in p_i = |delta_i| + eps: keeps every transition sampleable, and bounds how far one tiny
+    priority (which sets the weights' normalizer) can shrink every other importance weight"""
 
 
 def fail(message: str) -> None:
@@ -246,7 +247,8 @@ class ReplayBuffer:
         As in the paper and OpenAI Baselines, the max is over the whole buffer (reached at the minimal
         priority), not over the batch as in CleanRL's Rainbow or Tianshou: the scale of a transition's
         weight then does not depend on which other transitions share its batch, and weights only
-        ever scale the update down. N and the total cancel, and alpha 0 gives exactly 1.
+        ever scale the update down. The price: the buffer's smallest priority scales every weight,
+        so --prior-eps must not be tiny. N and the total cancel, and alpha 0 gives exactly 1.
         """
         return (self.sum_tree[self.leaves + indices] / self.min_tree[1]) ** -beta
 
@@ -411,6 +413,7 @@ if __name__ == "__main__":
                     writer.add_scalar("losses/q_values", q_values.mean().item(), global_step)
                     writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
                     writer.add_scalar("charts/beta", beta, global_step)
+                    writer.add_scalar("charts/importance_weight", weights.mean().item(), global_step)
 
             # theta_target <- tau * theta + (1 - tau) * theta_target; tau 1 is the paper's hard copy
             if global_step % args.target_network_frequency == 0:

@@ -151,7 +151,7 @@ def test_smoke_run_anneals_beta(tmp_path):
     result = run_ok("per_dqn.py", *SHORT, "--beta-start", "0.5", cwd=tmp_path)
     assert "eval:" in result.stdout
     scalars = read_scalars(only_run_dir(tmp_path))
-    for tag in ["charts/episodic_return", "losses/td_loss", "eval/episodic_return"]:
+    for tag in ["charts/episodic_return", "losses/td_loss", "charts/importance_weight", "eval/episodic_return"]:
         assert scalars.get(tag), tag
     # beta grows linearly from 0.5 at step 0 to 1 at step 400: 0.5 + 0.5 * 200 / 400 = 0.75 at step 200.
     beta = dict(scalars["charts/beta"])
@@ -173,8 +173,8 @@ def test_bad_per_flags_are_refused(tmp_path):
 LEARN = ["--seed", "1", "--total-timesteps", "30000", "--learning-rate", "5e-4", "--batch-size", "128",
          "--hidden-size", "128", "--tau", "0.005", "--target-network-frequency", "1", "--train-frequency", "1",
          "--learning-starts", "1000", "--gamma", "0.99", "--buffer-size", "50000", "--start-e", "1.0",
-         "--end-e", "0.01", "--exploration-fraction", "0.2",
-         "--alpha", "0.6", "--beta-start", "0.4", "--prior-eps", "1e-6"]
+         "--end-e", "0.05", "--exploration-fraction", "0.25",
+         "--alpha", "0.6", "--beta-start", "0.4", "--prior-eps", "1e-2"]
 
 
 def test_learning_cartpole(tmp_path):
