@@ -44,7 +44,7 @@ class Args:
     """how many episodes --save-demos records"""
     env_id: str = "CartPole-v1"
     """the Gymnasium environment id"""
-    total_timesteps: int = 30_000
+    total_timesteps: int = 50_000
     """environment steps of training"""
     eval_episodes: int = 10
     """greedy episodes in the final evaluation"""
@@ -64,9 +64,9 @@ class Args:
     """the minibatch size of each gradient step"""
     start_e: float = 1.0
     """the starting epsilon of epsilon-greedy exploration"""
-    end_e: float = 0.05
+    end_e: float = 0.01
     """the final epsilon"""
-    exploration_fraction: float = 0.25
+    exploration_fraction: float = 0.12
     """the fraction of total_timesteps over which epsilon decays linearly from start_e to end_e"""
     learning_starts: int = 1_000
     """environment steps of random play before learning starts"""
