@@ -3,7 +3,7 @@
 Hester et al. 2018, "Deep Q-learning from Demonstrations", AAAI, Algorithm 1.
 per_dqn.py learns from its own experience only; here demonstrations sit in the replay buffer for
 good, the network is pre-trained on them alone, and the loss adds an n-step return, a large-margin
-loss that ranks the demonstrated action first, and L2 regularization (Sec. 3, eq. 5).
+loss that ranks the demonstrated action first, and L2 regularization.
 
 Run:  python dqfd.py --demo-path demo_traj_2.npy
 """
@@ -206,7 +206,7 @@ class ReplayBuffer:
     empty or padding slots hold 0 in the sum tree and +inf in the min tree, so they are never drawn.
 
     The demonstrations fill slots 0 .. demo_size - 1 for good; the agent's transitions cycle through
-    the slots after them, so they never overwrite a demonstration (Hester et al. 2018, Sec. 3).
+    the slots after them, so they never overwrite a demonstration (Hester et al. 2018, Algorithm 1).
     """
 
     def __init__(self, capacity: int, observation_space: gym.Space, seed: int, alpha: float):
@@ -256,7 +256,7 @@ class ReplayBuffer:
         return np.where(slots + 1 < self.capacity, slots + 1, self.demo_size)
 
     def n_step(self, indices: np.ndarray, n: int, gamma: float):
-        """Forward-view n-step returns from slots `indices` (Hester et al. 2018, Sec. 3; Sutton & Barto 2018, eq. 7.1).
+        """Forward-view n-step returns from slots `indices` (Hester et al. 2018, J_n; Sutton & Barto 2018, eq. 7.1).
 
         R = sum_{k<m} gamma^k r_{t+k} over m <= n steps, stopping early at the episode's last step or at
         the newest transition stored. Returns R, the state s_{t+m} to bootstrap from, whether step
@@ -336,7 +336,7 @@ def td_target(rewards: torch.Tensor, next_q_online: torch.Tensor, next_q_target:
 
 
 def margin_loss(q_values: torch.Tensor, demo_actions: torch.Tensor, margin: float) -> torch.Tensor:
-    """J_E = max_a [Q(s, a) + l(a_E, a)] - Q(s, a_E), l(a_E, a) = margin for a != a_E, 0 for a_E (Hester et al. 2018, eq. 2).
+    """J_E = max_a [Q(s, a) + l(a_E, a)] - Q(s, a_E), l(a_E, a) = margin for a != a_E, 0 for a_E (Hester et al. 2018, J_E).
 
     Zero once the demonstrated action's value leads every other action's by the margin; one value per sample.
     """
@@ -347,7 +347,7 @@ def margin_loss(q_values: torch.Tensor, demo_actions: torch.Tensor, margin: floa
 
 def dqfd_losses(q_values: torch.Tensor, actions: torch.Tensor, target: torch.Tensor, n_step_target: Optional[torch.Tensor],
                 is_demo: torch.Tensor, weights: torch.Tensor, lambda_n: float, lambda_e: float, margin: float) -> dict:
-    """The sample terms of J = J_DQ + lambda1 J_n + lambda2 J_E (Hester et al. 2018, eq. 5), each a batch mean of
+    """The sample terms of J = J_DQ + lambda1 J_n + lambda2 J_E (Hester et al. 2018), each a batch mean of
     importance-weighted terms (Schaul et al. 2016, Algorithm 1, line 13). J_E counts on demonstrations only;
     a lambda of 0 leaves its term out entirely."""
     q_taken = q_values.gather(1, actions.unsqueeze(1)).squeeze(1)
@@ -361,7 +361,7 @@ def dqfd_losses(q_values: torch.Tensor, actions: torch.Tensor, target: torch.Ten
 
 
 def dqfd_priorities(td_errors: np.ndarray, is_demo: np.ndarray, demo_eps: float, agent_eps: float) -> np.ndarray:
-    """p_i = |delta_i| + eps_d for demonstrations, |delta_i| + eps_a for the agent's data (Hester et al. 2018, Sec. 3)."""
+    """p_i = |delta_i| + eps_d for demonstrations, |delta_i| + eps_a for the agent's data (Hester et al. 2018)."""
     return np.abs(td_errors) + np.where(is_demo, demo_eps, agent_eps)
 
 
@@ -530,7 +530,7 @@ def load_demonstrations(path: str, observation_space: gym.Space, action_space: g
 
 def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer, rb: ReplayBuffer,
                args: Args, beta: float, device: torch.device, where: str) -> dict:
-    """One gradient step on J over a prioritized minibatch, then the priorities' update (Algorithm 1, lines 4-6 and 10-12)."""
+    """One gradient step on J over a prioritized minibatch, then the priorities' update (Hester et al. 2018, Algorithm 1)."""
     *batch, indices = rb.sample(args.batch_size, beta)
     observations, actions, rewards, next_observations, terminations, weights = (
         torch.as_tensor(array, device=device) for array in batch
@@ -546,7 +546,7 @@ def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch
             both = torch.cat([next_observations, nth_observations])
             next_q_online, nth_q_online = q_network(both).split(len(indices))
             next_q_target, nth_q_target = target_network(both).split(len(indices))
-            # The n-step Double DQN target: gamma^m in place of gamma after m <= n rewards (Sec. 3)
+            # The n-step Double DQN target: gamma^m in place of gamma after m <= n rewards (Hester et al. 2018, J_n)
             n_step_target = td_target(returns, nth_q_online, nth_q_target, nth_terminations, discounts)
         else:
             next_q_online, next_q_target = q_network(next_observations), target_network(next_observations)
@@ -615,7 +615,7 @@ if __name__ == "__main__":
              f"which stay in the buffer for good.")
 
     q_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
-    # J_L2 = lambda3/2 * |theta|^2 on weights and biases: its gradient, lambda3 * theta, is Adam's weight decay (eq. 5)
+    # J_L2 = lambda3/2 * |theta|^2 on weights and biases: its gradient, lambda3 * theta, is Adam's weight decay
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, weight_decay=args.l2, fused=True)
     target_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
     target_network.load_state_dict(q_network.state_dict())
@@ -630,7 +630,7 @@ if __name__ == "__main__":
     print(f"{args.exp_name} on {args.env_id}, seed {args.seed}: logging to runs/{run_name}")
 
     start_time = time.time()
-    # Pre-training: gradient steps on the demonstrations alone, before the agent acts (Algorithm 1, lines 3-8)
+    # Pre-training: gradient steps on the demonstrations alone, before the agent acts (Hester et al. 2018, Algorithm 1)
     for pretrain_step in range(1, args.pretrain_steps + 1):
         losses = train_step(q_network, target_network, optimizer, rb, args, args.beta_start, device,
                             f"at pre-training step {pretrain_step}")
