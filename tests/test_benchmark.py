@@ -1,0 +1,53 @@
+"""benchmark/bench.py: the benchmark's runner on a tiny grid, our script beside the SB3 peer."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from benchmark import bench
+from helpers import ROOT, assert_one_line_error, read_scalars
+
+
+def run_bench(*arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmark.bench", *arguments], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_every_cell_of_the_full_grid_passes_its_script_s_own_checks():
+    runs = bench.make_runs(bench.CELLS, None, {})
+    assert len(runs) == sum(len(cell.seeds or bench.SEEDS) for cell in bench.CELLS)
+    assert len({run.key for run in runs}) == len(runs)  # no two runs are the same run
+    dqfd_runs = [run for run in runs if run.script.name == "dqfd.py"]
+    assert len(dqfd_runs) == 10 and all("demo_traj_2.npy" in run.inputs for run in dqfd_runs)  # the demo file travels
+
+
+def test_tiny_grid_our_script_beside_the_sb3_peer_gives_the_table_and_plots(tmp_path):
+    pytest.importorskip("matplotlib", reason="the benchmark's plots need benchmark/requirements.txt")
+    pytest.importorskip("stable_baselines3", reason="the SB3 peer needs benchmark/requirements.txt")
+    out = tmp_path / "bench"
+    # SB3's CartPole DQN starts learning at step 1000: 1200 steps make both learn a little.
+    result = run_bench("--cells", "dqn/CartPole-v1", "sb3-dqn/CartPole-v1", "--seeds", "1", "2",
+                       "--set", "total-timesteps=1200", "learning-starts=100", "eval-episodes=2", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(out / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert sorted((row["cell"], row["seed"]) for row in rows) == [
+        ("dqn/CartPole-v1", "1"), ("dqn/CartPole-v1", "2"), ("sb3-dqn/CartPole-v1", "1"), ("sb3-dqn/CartPole-v1", "2")]
+    for row in rows:
+        assert row["status"] == "ok" and float(row["sps"]) > 0, row
+        scalars = read_scalars(out / row["run_dir"])
+        assert len(scalars["eval/episodic_return"]) == 2 and scalars["charts/episodic_return"]
+    summary = (out / "summary.md").read_text()
+    assert "| dqn/CartPole-v1 | `dqn.py` | 1200 | 2/2 |" in summary
+    assert "| sb3-dqn/CartPole-v1 | `benchmark/sb3_peer.py` | 1200 | 2/2 |" in summary
+    assert "| CartPole-v1 | raw environment, random actions |" in summary
+    for plot in ["curves_CartPole-v1_steps.png", "curves_CartPole-v1_wall.png"]:
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG" and plot in summary
+
+
+def test_an_unknown_cell_ends_with_one_sentence(tmp_path):
+    result = run_bench("--cells", "no-such-cell/*", "--out", str(tmp_path / "bench"))
+    assert_one_line_error(result, "no-such-cell")
+    assert not (tmp_path / "bench").exists()
