@@ -198,7 +198,7 @@ class OrnsteinUhlenbeckNoise:
     """x <- x + theta (mu - x) dt + sigma sqrt(dt) N(0, 1), temporally correlated (Section 7, Uhlenbeck &
     Ornstein 1930); restarts at mu each episode. Its stationary variance is sigma^2 / (2 theta - theta^2 dt)."""
 
-    def __init__(self, size: int, theta: float, sigma: float, dt: float, rng: np.random.Generator, mu: float = 0.0):
+    def __init__(self, size: int | tuple, theta: float, sigma: float, dt: float, rng: np.random.Generator, mu: float = 0.0):
         self.size, self.theta, self.sigma, self.dt, self.rng, self.mu = size, theta, sigma, dt, rng, mu
         self.reset()
 
