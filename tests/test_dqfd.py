@@ -309,3 +309,16 @@ def test_bad_demo_files_end_with_one_sentence(tmp_path):
     assert_one_line_error(result, "--buffer-size", "1000 demonstration transitions")
     assert_one_line_error(run_script("dqfd.py", "--n-step", "0", cwd=tmp_path), "--n-step")
     assert not (tmp_path / "runs").exists()  # refused before anything ran
+
+
+def test_learning_from_the_shipped_demonstrations(tmp_path):
+    """Pre-training on the two shipped episodes, then 3000 steps of play: the agent plays at the
+    demonstrator's level (500, the most CartPole-v1 gives) from its first episode on. Random play returns
+    about 22; an agent that learns nothing from the demonstrations falls far short of 475."""
+    result = run_ok("dqfd.py", "--demo-path", str(ROOT / "demo_traj_2.npy"), "--seed", "1",
+                    "--total-timesteps", "3000", cwd=tmp_path)
+    scalars = read_scalars(only_run_dir(tmp_path))
+    returns = [value for _, value in scalars["charts/episodic_return"]]
+    eval_returns = [value for _, value in scalars["eval/episodic_return"]]
+    assert len(returns) >= 5 and min(returns[:5]) >= 475, result.stdout
+    assert np.mean(eval_returns) >= 475, result.stdout
