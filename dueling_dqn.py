@@ -1,7 +1,7 @@
 """Dueling DQN: Q-values from a state-value stream and an advantage stream.
 
 Wang et al. 2016, "Dueling Network Architectures for Deep Reinforcement Learning", ICML.
-double_dqn.py with the dueling network: shared hidden layers feed a stream estimating V(s) and one estimating
+double_dqn.py with the dueling network: a shared layer feeds a stream estimating V(s) and one estimating
 A(s, a), combined by eq. 9; trained as in the paper, on Double DQN targets with the gradient norm clipped.
 
 Run:  python dueling_dqn.py --env-id CartPole-v1 --seed 1
@@ -143,13 +143,10 @@ class QNetwork(nn.Module):
         self.network = nn.Sequential(
             nn.Linear(in_features, hidden_size),
             nn.ReLU(),
-            nn.Linear(hidden_size, hidden_size),
-            nn.ReLU(),
         )
-        # The shared trunk above, then two streams (Wang et al. 2016, Section 3): V(s) and A(s, a). The paper's
-        # streams each add a hidden layer; one linear layer each kept dqn.py's size and solved CartPole more often.
-        self.value = nn.Linear(hidden_size, 1)
-        self.advantage = nn.Linear(hidden_size, n_actions)
+        # A shared trunk (self.network), then two streams (Wang et al. 2016, Section 3): V(s) and A(s, a)
+        self.value = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
+        self.advantage = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, n_actions))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.network(encode_observations(x, self.n_states))

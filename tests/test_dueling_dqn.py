@@ -12,18 +12,19 @@ from helpers import assert_one_line_error, only_run_dir, read_scalars, run_ok, r
 
 
 def hand_set_network(advantage_shift: float) -> dueling_dqn.QNetwork:
-    """2 inputs, 2 hidden units, 3 actions; every layer set by hand (identity trunk, zero trunk biases), so
+    """2 inputs, 2 hidden units, 3 actions; every layer set by hand (identity hidden layers, zero biases), so
     for x >= 0:  V = x0 + x1 + 0.5  and  A = (x0, x1, x0 + x1) + advantage_shift."""
     q_network = dueling_dqn.QNetwork(gym.spaces.Box(-10, 10, shape=(2,)), n_actions=3, hidden_size=2)
     with torch.no_grad():
-        for layer in q_network.network:
+        for layer in q_network.modules():
             if isinstance(layer, torch.nn.Linear):
-                layer.weight.copy_(torch.eye(2))
                 layer.bias.zero_()
-        q_network.value.weight.copy_(torch.tensor([[1.0, 1.0]]))
-        q_network.value.bias.fill_(0.5)
-        q_network.advantage.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
-        q_network.advantage.bias.fill_(advantage_shift)
+                if layer.weight.shape == (2, 2):
+                    layer.weight.copy_(torch.eye(2))
+        q_network.value[2].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        q_network.value[2].bias.fill_(0.5)
+        q_network.advantage[2].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        q_network.advantage[2].bias.fill_(advantage_shift)
     return q_network
 
 
