@@ -256,6 +256,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.use_deterministic_algorithms(args.torch_deterministic)
     torch.set_num_threads(1)  # a small network on a CPU runs fastest on one thread
+    torch.set_flush_denormal(True)  # denormal floats are slow on CPUs (DDPG on MountainCarContinuous: 7x)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Environments: one for training, stepped directly, and one for evaluation
