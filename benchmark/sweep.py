@@ -605,7 +605,9 @@ def summary_table(rows: list, first_column: str = "setting") -> list:
 
 def learning_curves(out: Path, records: list, x: str = "step", points: int = 200) -> dict:
     """{setting: (grid, mean, std)}: the return of the last 10 episodes per run, on a common grid of
-    environment steps (x="step") or seconds since the run started (x="wall"), mean and std over seeds."""
+    environment steps (x="step") or seconds since the run started (x="wall"), mean and std over seeds.
+    A run's curve holds its last value to the grid's end: a run whose last episode ended early still
+    counts there, so the mean at the right edge is over every seed, not only the ones still finishing an episode."""
     per_setting = {}
     for record in records:
         if record["status"] != OK or not record["run_dir"]:
@@ -619,7 +621,7 @@ def learning_curves(out: Path, records: list, x: str = "step", points: int = 200
     curves = {}
     for setting, runs in per_setting.items():
         grid = np.linspace(0, max(xs[-1] for xs, _ in runs), points)
-        ys = np.array([np.interp(grid, xs, ys, left=np.nan, right=np.nan) for xs, ys in runs])
+        ys = np.array([np.interp(grid, xs, ys, left=np.nan, right=ys[-1]) for xs, ys in runs])
         with warnings.catch_warnings():  # a grid point where no seed has data yet is NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             curves[setting] = (grid, np.nanmean(ys, axis=0), np.nanstd(ys, axis=0))

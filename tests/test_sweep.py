@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmark import sweep
@@ -58,6 +59,23 @@ def test_median_and_interquartile_range_by_hand():
     # median at 1.5 -> (2 + 4) / 2 = 3; 25th at 0.75 -> 1 + 0.75 * 1 = 1.75; 75th at 2.25 -> 4 + 0.25 * 6 = 5.5.
     assert sweep.quartiles([10, 1, None, 4, 2]) == pytest.approx((3.0, 1.75, 5.5))
     assert sweep.quartiles([None]) is None
+
+
+def test_learning_curves_average_every_seed_up_to_the_right_edge(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for run_dir, episodes in [("a", [(100, 10.0), (200, 20.0)]), ("b", [(100, 30.0), (400, 30.0)])]:
+        with SummaryWriter(tmp_path / run_dir) as writer:
+            for step, episode_return in episodes:
+                writer.add_scalar("charts/episodic_return", episode_return, step)
+    records = [{"setting": "s", "status": "ok", "run_dir": run_dir} for run_dir in ("a", "b")]
+    grid, mean, std = sweep.learning_curves(tmp_path, records, points=5)["s"]
+    # Grid 0, 100, 200, 300, 400. Run a's smoothed curve is 10 then (10 + 20) / 2 = 15, held after its
+    # last episode at 200; run b's is 30 throughout. Before the first episode there is no data.
+    assert grid.tolist() == [0, 100, 200, 300, 400]
+    assert mean[1:].tolist() == pytest.approx([20.0, 22.5, 22.5, 22.5])
+    assert std[1:].tolist() == pytest.approx([10.0, 7.5, 7.5, 7.5])
+    assert np.isnan(mean[0])
 
 
 def test_summary_ranks_settings_and_counts_unreached_thresholds():
