@@ -579,12 +579,14 @@ def summarize(records: list, settings: list) -> list:
 
 def rank(rows: list) -> tuple:
     """Rows best first: by median episodes to threshold (fewer is better) when the script logs it, else
-    by median evaluation return (higher is better). Returns (rows, what they are ranked by)."""
+    by median evaluation return (higher is better); equal medians by the worse quartile (the 75th
+    percentile of episodes, the 25th of returns). Returns (rows, what they are ranked by)."""
     if any(row["episodes_to_threshold"] for row in rows):
-        key = lambda row: (row["episodes_to_threshold"] or (math.inf,))[0]  # noqa: E731
-        return sorted(rows, key=key), "the median number of episodes to reach the threshold (fewer is better)"
-    key = lambda row: -(row["eval_mean"] or (-math.inf,))[0]  # noqa: E731
-    return sorted(rows, key=key), "the median greedy evaluation return (higher is better)"
+        key = lambda row: (row["episodes_to_threshold"] or (math.inf,) * 3)[::2]  # noqa: E731  (median, q75)
+        return sorted(rows, key=key), ("the median number of episodes to reach the threshold (fewer is better; "
+                                       "equal medians by the 75th percentile)")
+    key = lambda row: tuple(-v for v in (row["eval_mean"] or (-math.inf,) * 3)[:2])  # noqa: E731  (median, q25)
+    return sorted(rows, key=key), "the median greedy evaluation return (higher is better; equal medians by the 25th percentile)"
 
 
 def summary_table(rows: list, first_column: str = "setting") -> list:

@@ -84,15 +84,31 @@ def test_summary_ranks_settings_and_counts_unreached_thresholds():
                 "wall_s": 10.0, "episodes_to_threshold": episodes}
     records = [record("slow", 1, 60), record("slow", 2, 80), record("slow", 3, 70),
                record("fast", 1, 30), record("fast", 2, None), record("fast", 3, 20),  # seed 2: never reached
+               record("steady", 1, 30), record("steady", 2, 30), record("steady", 3, 30),
                record("broken", 1, None, status="failed")]
-    rows, ranked_by = sweep.rank(sweep.summarize(records, ["slow", "fast", "broken"]))
+    rows, ranked_by = sweep.rank(sweep.summarize(records, ["slow", "fast", "broken", "steady"]))
     assert "episodes" in ranked_by
-    # fast: 20, 30, inf -> median 30; slow: 60, 70, 80 -> median 70; broken: no run ok -> last
-    assert [row["setting"] for row in rows] == ["fast", "slow", "broken"]
+    # fast: 20, 30, inf -> median 30, 75th percentile inf; steady: 30, 30, 30 -> median 30, 75th 30, so
+    # steady ranks above fast; slow: 60, 70, 80 -> median 70; broken: no run ok -> last
+    assert [row["setting"] for row in rows] == ["steady", "fast", "slow", "broken"]
+    rows = rows[1:]
     assert rows[0]["episodes_to_threshold"][0] == 30 and rows[0]["reached"] == 2 and rows[0]["ok"] == 3
     assert rows[1]["episodes_to_threshold"] == pytest.approx((70, 65, 75))
     assert rows[2]["ok"] == 0 and rows[2]["finished"] == 1
 
+
+
+def test_settings_without_a_threshold_rank_by_return_then_by_the_lower_quartile():
+    def record(setting, eval_mean):
+        return {"setting": setting, "seed": 1, "status": "ok", "eval_mean": eval_mean, "sps": 100, "wall_s": 10.0,
+                "episodes_to_threshold": None}
+    records = [record("shaky", 500.0), record("shaky", 500.0), record("shaky", 100.0),  # median 500, q25 300
+               record("solid", 500.0), record("solid", 500.0), record("solid", 500.0),  # median 500, q25 500
+               record("weak", 300.0), record("weak", 300.0), record("weak", 300.0)]
+    rows, ranked_by = sweep.rank(sweep.summarize(records, ["weak", "shaky", "solid"]))
+    assert "return" in ranked_by
+    assert [row["setting"] for row in rows] == ["solid", "shaky", "weak"]
+    assert rows[1]["eval_mean"] == pytest.approx((500.0, 300.0, 500.0))
 
 # --- the command, as a user runs it ---------------------------------------------------------------
 
