@@ -49,7 +49,7 @@ class Args:
     """greedy episodes in the final evaluation"""
 
     # Algorithm-specific arguments
-    learning_rate: float = 5e-4
+    learning_rate: float = 2.5e-4  # half of dqn.py's: Wang et al. 2016 lower it for the dueling network too
     """the Adam learning rate"""
     buffer_size: int = 50_000
     """the replay buffer's capacity in transitions"""
