@@ -8,6 +8,7 @@ default flags. Medians over repeats; run it on an idle machine.
     python benchmark/dqn_speed.py
 """
 
+import re
 import statistics
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def script_steps_per_second(seeds=(1, 2, 3)) -> float:
         for seed in seeds:
             out = subprocess.run([sys.executable, str(ROOT / "dqn.py"), "--seed", str(seed)], cwd=cwd,
                                  capture_output=True, text=True, check=True).stdout
-            rates.append(int(out.split("(")[-1].split(" steps/s")[0]))  # "wall time: 20.1 s (1500 steps/s in training)"
+            rates.append(int(re.search(r"^wall time: .*\((\d+) steps/s", out, re.M).group(1)))  # "wall time: 20.1 s (1500 steps/s in training)"
     return statistics.median(rates)
 
 
