@@ -623,7 +623,7 @@ def learning_curves(out: Path, records: list, x: str = "step", points: int = 200
     curves = {}
     for setting, runs in per_setting.items():
         grid = np.linspace(0, max(xs[-1] for xs, _ in runs), points)
-        ys = np.array([np.interp(grid, xs, ys, left=np.nan, right=ys[-1]) for xs, ys in runs])
+        ys = np.array([np.interp(grid, xs, run_ys, left=np.nan, right=run_ys[-1]) for xs, run_ys in runs])
         with warnings.catch_warnings():  # a grid point where no seed has data yet is NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             curves[setting] = (grid, np.nanmean(ys, axis=0), np.nanstd(ys, axis=0))

@@ -97,7 +97,6 @@ def test_summary_ranks_settings_and_counts_unreached_thresholds():
     assert rows[2]["ok"] == 0 and rows[2]["finished"] == 1
 
 
-
 def test_settings_without_a_threshold_rank_by_return_then_by_the_lower_quartile():
     def record(setting, eval_mean):
         return {"setting": setting, "seed": 1, "status": "ok", "eval_mean": eval_mean, "sps": 100, "wall_s": 10.0,
@@ -109,6 +108,7 @@ def test_settings_without_a_threshold_rank_by_return_then_by_the_lower_quartile(
     assert "return" in ranked_by
     assert [row["setting"] for row in rows] == ["solid", "shaky", "weak"]
     assert rows[1]["eval_mean"] == pytest.approx((500.0, 300.0, 500.0))
+
 
 # --- the command, as a user runs it ---------------------------------------------------------------
 
