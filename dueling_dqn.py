@@ -42,7 +42,7 @@ class Args:
     demo_episodes: int = 2
     """how many episodes --save-demos records"""
     env_id: str = "CartPole-v1"
-    """the Gymnasium environment id"""
+    """the Gymnasium environment id (the defaults are tuned for it; TUNED below holds other environments' settings)"""
     total_timesteps: int = 50_000
     """environment steps of training"""
     eval_episodes: int = 10
@@ -74,7 +74,40 @@ class Args:
     hidden_size: int = 128
     """units in each of the network's two hidden layers"""
     max_grad_norm: float = 10.0
-    """clip the gradient's global norm to this (Wang et al. 2016, Section 4.2)"""
+    """clip the gradient's global norm to this before each step (Wang et al. 2016, Section 4.2; 0: no clipping)"""
+    anneal_lr: bool = False
+    """decay the learning rate linearly to 0 over training (off: constant, as in the paper)"""
+
+
+# Settings tuned per environment: `--env-id ENV` starts from Args' defaults with TUNED[ENV] on top, and
+# flags given on the command line override both. The evidence for each value is the sweep committed in
+# benchmark/tuning/<script>-<env>/.
+TUNED = {
+}
+
+
+def parse_args(argv: Optional[list] = None) -> Args:
+    """Args from the command line, on top of the settings tuned for its --env-id (explicit flags win)."""
+    description = (f"{__doc__}\nSettings tuned per environment: {Args.env_id} (the defaults)"
+                   + "".join(f", {env_id}" for env_id in TUNED) + "; flags given on the command line override them.")
+    env_id = tyro.cli(Args, args=argv, description=description).env_id
+    return tyro.cli(Args, args=argv, description=description, default=Args(**TUNED.get(env_id, {})))
+
+
+def settings_line(args: Args) -> str:
+    """The first line a run prints: whose settings it uses, and the flags that changed them."""
+    tuned = TUNED.get(args.env_id, {})
+    if args.env_id == Args.env_id or tuned:
+        source = f"the settings tuned for {args.env_id}"
+    else:
+        source = f"the defaults (tuned for {Args.env_id}; none are tuned for {args.env_id})"
+    if tuned:
+        source += " (" + " ".join(f"--{name.replace('_', '-')} {value}" for name, value in tuned.items()) + ")"
+    defaults = Args(**tuned)
+    changed = [f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items()
+               if value != getattr(defaults, name) and name not in ("env_id", "seed")]
+    return (f"{args.exp_name} on {args.env_id}, seed {args.seed}: {source}"
+            + (f"; changed by {' '.join(changed)}" if changed else ""))
 
 
 def fail(message: str) -> None:
@@ -85,6 +118,8 @@ def fail(message: str) -> None:
 
 def check_args(args: Args) -> Optional[str]:
     """Return one sentence describing the first bad flag, or None when the flags are usable."""
+    if not 0 <= args.seed <= 2**32 - 3:  # numpy and gymnasium take 32-bit seeds; evaluation uses seed + 1 and + 2
+        return f"--seed must lie in [0, {2**32 - 3}], got {args.seed}."
     counts = ["total_timesteps", "eval_episodes", "buffer_size", "target_network_frequency",
               "batch_size", "train_frequency", "hidden_size", "demo_episodes"]
     for name in counts:
@@ -92,8 +127,6 @@ def check_args(args: Args) -> Optional[str]:
             return f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}."
     if not args.learning_rate > 0:
         return f"--learning-rate must be positive, got {args.learning_rate}."
-    if not args.max_grad_norm > 0:
-        return f"--max-grad-norm must be positive, got {args.max_grad_norm}."
     if not 0 <= args.gamma <= 1:
         return f"--gamma must lie in [0, 1], got {args.gamma}."
     if not 0 < args.tau <= 1:
@@ -107,6 +140,8 @@ def check_args(args: Args) -> Optional[str]:
                 f"--total-timesteps ({args.total_timesteps}).")
     if args.batch_size > args.buffer_size:
         return f"--batch-size ({args.batch_size}) cannot exceed --buffer-size ({args.buffer_size})."
+    if not args.max_grad_norm >= 0:
+        return f"--max-grad-norm must be at least 0, got {args.max_grad_norm}."
     if args.save_demos is not None and os.path.exists(args.save_demos):
         return f"--save-demos {args.save_demos} already exists; choose a new path, it is never overwritten."
     if args.env_id not in gym.registry:
@@ -122,6 +157,15 @@ def check_spaces(env: gym.Env, env_id: str) -> Optional[str]:
     if not isinstance(env.observation_space, (gym.spaces.Box, gym.spaces.Discrete)):
         return f"{env_id} has a {type(env.observation_space).__name__} observation space; this script needs Box or Discrete."
     return None
+
+
+def independent_seeds(seed: int, n: int) -> list:
+    """n seeds of independent random streams, spawned from `seed` by numpy's SeedSequence.
+
+    Seeding every source of randomness with `seed` itself would hand them one stream:
+    np.random.default_rng(seed), env.reset(seed=seed) and env.action_space.seed(seed) start the same PCG64 state.
+    """
+    return [int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(n)]
 
 
 def make_env(env_id: str, seed: int, capture_video: bool = False, run_name: str = "") -> gym.Env:
@@ -243,10 +287,11 @@ def record_demos(q_network: nn.Module, env: gym.Env, episodes: int, seed: int, d
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = parse_args()
     error = check_args(args)
     if error:
         fail(error)
+    print(settings_line(args), flush=True)
     if args.capture_video:
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # render headless
         try:
@@ -264,10 +309,11 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # a small network on a CPU runs fastest on one thread
     torch.set_flush_denormal(True)  # denormal floats are slow on CPUs (DDPG on MountainCarContinuous: 7x)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    action_seed, buffer_seed = independent_seeds(args.seed, 2)  # the random actions' and the buffer's streams
 
     # Environments: one for training, stepped directly, and one for evaluation
     try:
-        env = make_env(args.env_id, args.seed)
+        env = make_env(args.env_id, action_seed)
         eval_env = make_env(args.env_id, args.seed + 1, args.capture_video, run_name)
     except gym.error.Error as e:
         fail(f"cannot make {args.env_id}: {e}")
@@ -279,14 +325,14 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)  # fused: one kernel per step
     target_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
     target_network.load_state_dict(q_network.state_dict())
-    rb = ReplayBuffer(args.buffer_size, env.observation_space, args.seed)
+    rb = ReplayBuffer(args.buffer_size, env.observation_space, buffer_seed)
 
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
     )
-    print(f"{args.exp_name} on {args.env_id}, seed {args.seed}: logging to runs/{run_name}")
+    print(f"logging to runs/{run_name}")
 
     start_time = time.time()
     recent_returns = []
@@ -318,6 +364,8 @@ if __name__ == "__main__":
 
         if global_step > args.learning_starts:
             if global_step % args.train_frequency == 0:
+                if args.anneal_lr:  # not in the paper: the step size falls linearly to 0 by the end of training
+                    optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - global_step / args.total_timesteps)
                 observations, actions, rewards, next_observations, terminations = (
                     torch.as_tensor(array, device=device) for array in rb.sample(args.batch_size)
                 )
@@ -333,7 +381,8 @@ if __name__ == "__main__":
                 loss.backward()
                 # The paper also scales the gradient entering the shared trunk by 1/sqrt(2); we leave it out:
                 # Adam divides each weight's gradient by its own running scale, so a constant factor cancels.
-                nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)  # Wang et al. 2016, Section 4.2
+                if args.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
                 optimizer.step()
 
                 if global_step % 100 == 0:

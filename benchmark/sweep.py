@@ -181,7 +181,9 @@ def parse_script_args(module, script_name: str, argv: list):
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
-            args = tyro.cli(module.Args, args=argv)
+            # the script's own parse_args applies its settings tuned for --env-id; plain Args otherwise
+            parse = getattr(module, "parse_args", None)
+            args = parse(argv) if callable(parse) else tyro.cli(module.Args, args=argv)
     except SystemExit:
         raise GridError(f"{script_name} refuses '{shown}': {_tyro_message(captured.getvalue())}")
     error = module.check_args(args)
