@@ -55,8 +55,9 @@ def test_smoke_run_saves_the_dueling_network(tmp_path):
     assert read_scalars(run_dir).get("losses/td_loss")
 
 
-def test_non_positive_max_grad_norm_is_refused(tmp_path):
-    assert_one_line_error(run_script("dueling_dqn.py", "--max-grad-norm", "0", cwd=tmp_path), "--max-grad-norm")
+def test_negative_max_grad_norm_is_refused(tmp_path):
+    # 0 turns clipping off; a negative norm means nothing
+    assert_one_line_error(run_script("dueling_dqn.py", "--max-grad-norm", "-1", cwd=tmp_path), "--max-grad-norm")
     assert not (tmp_path / "runs").exists()
 
 
