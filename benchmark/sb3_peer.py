@@ -22,21 +22,29 @@ import torch
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-# The RL Zoo's tuned hyperparameters: (algorithm, environment steps, keyword arguments of the SB3 class)
+# The RL Zoo's tuned hyperparameters (hyperparams/dqn.yml and ddpg.yml): (algorithm, environment steps,
+# keyword arguments of the SB3 class, DDPG's action noise as (kind, std) or None)
 ZOO = {
     "CartPole-v1": ("dqn", 50_000, dict(
         learning_rate=2.3e-3, batch_size=64, buffer_size=100_000, learning_starts=1_000, gamma=0.99,
         target_update_interval=10, train_freq=256, gradient_steps=128, exploration_fraction=0.16,
-        exploration_final_eps=0.04, policy_kwargs=dict(net_arch=[256, 256]))),
+        exploration_final_eps=0.04, policy_kwargs=dict(net_arch=[256, 256])), None),
     "LunarLander-v3": ("dqn", 100_000, dict(
         learning_rate=6.3e-4, batch_size=128, buffer_size=50_000, learning_starts=0, gamma=0.99,
         target_update_interval=250, train_freq=4, gradient_steps=-1, exploration_fraction=0.12,
-        exploration_final_eps=0.1, policy_kwargs=dict(net_arch=[256, 256]))),
+        exploration_final_eps=0.1, policy_kwargs=dict(net_arch=[256, 256])), None),
+    "MountainCar-v0": ("dqn", 120_000, dict(
+        learning_rate=4e-3, batch_size=128, buffer_size=10_000, learning_starts=1_000, gamma=0.98,
+        target_update_interval=600, train_freq=16, gradient_steps=8, exploration_fraction=0.2,
+        exploration_final_eps=0.07, policy_kwargs=dict(net_arch=[256, 256])), None),
     "Pendulum-v1": ("ddpg", 20_000, dict(
         gamma=0.98, buffer_size=200_000, learning_starts=10_000, learning_rate=1e-3,
-        policy_kwargs=dict(net_arch=[400, 300]))),  # plus Gaussian action noise of std 0.1, below
+        policy_kwargs=dict(net_arch=[400, 300])), ("normal", 0.1)),
+    "MountainCarContinuous-v0": ("ddpg", 300_000, dict(learning_starts=100), ("ornstein-uhlenbeck", 0.5)),
+    "LunarLanderContinuous-v3": ("ddpg", 300_000, dict(
+        gamma=0.98, buffer_size=200_000, learning_starts=10_000, learning_rate=1e-3, train_freq=(1, "episode"),
+        gradient_steps=-1, policy_kwargs=dict(net_arch=[400, 300])), ("normal", 0.1)),
 }
-DDPG_NOISE_STD = 0.1
 
 
 @dataclass
@@ -46,7 +54,8 @@ class Args:
     seed: int = 1
     """seed of Python, numpy, torch and the environment"""
     env_id: str = "CartPole-v1"
-    """CartPole-v1 or LunarLander-v3 (SB3's DQN) or Pendulum-v1 (SB3's DDPG)"""
+    """an environment with RL Zoo settings: CartPole-v1, LunarLander-v3, MountainCar-v0 (SB3's DQN), Pendulum-v1,
+    MountainCarContinuous-v0, LunarLanderContinuous-v3 (SB3's DDPG)"""
     total_timesteps: Optional[int] = None
     """environment steps of training (default: the RL Zoo's budget for the env)"""
     eval_episodes: int = 10
@@ -96,10 +105,10 @@ if __name__ == "__main__":
     try:
         from stable_baselines3 import DDPG, DQN
         from stable_baselines3.common.callbacks import BaseCallback
-        from stable_baselines3.common.noise import NormalActionNoise
+        from stable_baselines3.common.noise import NormalActionNoise, OrnsteinUhlenbeckActionNoise
     except ImportError:
         fail("the SB3 peer needs stable-baselines3: pip install -r benchmark/requirements.txt")
-    algorithm, zoo_timesteps, hyperparameters = ZOO[args.env_id]
+    algorithm, zoo_timesteps, hyperparameters, noise_kind = ZOO[args.env_id]
     total_timesteps = args.total_timesteps or zoo_timesteps
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
@@ -114,11 +123,14 @@ if __name__ == "__main__":
         model = DQN("MlpPolicy", env, seed=args.seed, device="cpu", **hyperparameters)
     else:
         n_actions = env.action_space.shape[0]
-        noise = NormalActionNoise(np.zeros(n_actions), DDPG_NOISE_STD * np.ones(n_actions))
+        kind, std = noise_kind
+        noise_class = NormalActionNoise if kind == "normal" else OrnsteinUhlenbeckActionNoise
+        noise = noise_class(np.zeros(n_actions), std * np.ones(n_actions))
         model = DDPG("MlpPolicy", env, action_noise=noise, seed=args.seed, device="cpu", **hyperparameters)
 
     writer = SummaryWriter(f"runs/{run_name}")
-    settings = {**vars(args), "algorithm": f"SB3 {algorithm.upper()}", "total_timesteps": total_timesteps, **hyperparameters}
+    settings = {**vars(args), "algorithm": f"SB3 {algorithm.upper()}", "total_timesteps": total_timesteps, **hyperparameters,
+                "action_noise": noise_kind}
     writer.add_text("hyperparameters",
                     "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in settings.items()))
     print(f"SB3 {algorithm.upper()} on {args.env_id}, seed {args.seed}: logging to runs/{run_name}")
