@@ -727,7 +727,9 @@ def execute(runs: list, out: Path, backend: str = "local", workers: Optional[int
         interrupted = True
     if progress.tty:
         print("\r\033[K", end="")
-    return [finished[run.key] for run in runs if run.key in finished], skipped, interrupted
+    # A run finished by an earlier command keeps its numbers but takes this command's label and group
+    records = [{**finished[run.key], "setting": run.setting, "group": run.group} for run in runs if run.key in finished]
+    return records, skipped, interrupted
 
 
 # ---------------------------------------------------------------------------------------------
