@@ -20,11 +20,16 @@ demo_traj_2.npy over seeds 1-5 (the first episode at which the mean of the last 
 Run:  python dqfd.py --demo-path demo_traj_2.npy
 """
 
+import dataclasses
+import glob
 import os
 import pickle
+import pickletools
 import random
+import stat
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,7 +55,10 @@ class Args:
     capture_video: bool = False
     """record the first greedy evaluation episode to videos/<run_name>/"""
     save_model: bool = False
-    """save the trained network's state_dict to runs/<run_name>/"""
+    """save the trained network, with the run's settings, to runs/<run_name>/<exp_name>.pt (--load-model reads it)"""
+    load_model: Optional[str] = None
+    """skip training: load a --save-model file and run only its greedy evaluation (and --save-demos); the
+    network and environment come from the file, --seed, --eval-episodes and --capture-video from the command line"""
     save_demos: Optional[str] = None
     """after training, record greedy episodes of the agent to this .npy file (for dqfd.py)"""
     demo_episodes: int = 2
@@ -61,6 +69,11 @@ class Args:
     """environment steps of training"""
     eval_episodes: int = 10
     """greedy episodes in the final evaluation"""
+    eval_every: int = 0
+    """every this many environment steps, a short greedy evaluation logged against the step as
+    eval/periodic_mean_return and eval/periodic_std_return (0: none; the final evaluation is the headline figure)"""
+    eval_every_episodes: int = 5
+    """greedy episodes in each --eval-every evaluation (seeded as the final evaluation's first episodes)"""
 
     # Algorithm-specific arguments
     learning_rate: float = 5e-4
@@ -159,10 +172,12 @@ def check_args(args: Args) -> Optional[str]:
     if not 0 <= args.seed <= 2**32 - 3:  # numpy and gymnasium take 32-bit seeds; evaluation uses seed + 1 and + 2
         return f"--seed must lie in [0, {2**32 - 3}], got {args.seed}."
     counts = ["total_timesteps", "eval_episodes", "buffer_size", "target_network_frequency",
-              "batch_size", "train_frequency", "hidden_size", "demo_episodes"]
+              "batch_size", "train_frequency", "hidden_size", "demo_episodes", "eval_every_episodes"]
     for name in counts:
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}."
+    if args.eval_every < 0:
+        return f"--eval-every must be at least 0, got {args.eval_every}."
     if not args.learning_rate > 0:
         return f"--learning-rate must be positive, got {args.learning_rate}."
     if not 0 <= args.gamma <= 1:
@@ -637,12 +652,175 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
             target_param.lerp_(param, tau)
 
 
+# What a --save-model file's pickle may name: the three things torch.save needs for a dict of state_dicts
+MODEL_PICKLE_NAMES = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage"}
+# The flags --load-model takes from the command line; every other setting comes from the file
+EVALUATION_FLAGS = ["exp_name", "seed", "torch_deterministic", "cuda", "capture_video", "save_model", "save_demos",
+                    "demo_episodes", "eval_episodes", "load_model"]
+
+
+def space_record(space: gym.Space) -> dict:
+    """A space as plain values, which a saved agent's environment must match: its kind, shape and (Discrete) size."""
+    n = int(space.n) if isinstance(space, gym.spaces.Discrete) else None
+    return {"kind": type(space).__name__, "shape": tuple(space.shape), "n": n}
+
+
+def save_model(path: str, args: Args, env: gym.Env, networks: dict) -> None:
+    """The networks' weights with all that rebuilding them takes, as plain values: torch.load(path, weights_only=True)
+    reads it. Written to path.tmp and renamed, so an interrupted save never leaves half a file."""
+    model = {"script": os.path.basename(__file__), "env_id": args.env_id, "args": dataclasses.asdict(args),
+             "observation_space": space_record(env.observation_space), "action_space": space_record(env.action_space),
+             "networks": {name: network.state_dict() for name, network in networks.items()}}
+    try:
+        torch.save(model, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+
+
+def pickle_names(data: bytes) -> set:
+    """The names ("module.name") a pickle would import, read from its opcodes without unpickling it."""
+    return {str(argument or opcode.name).replace(" ", ".") for opcode, argument, _ in pickletools.genops(data)
+            if opcode.name in ("GLOBAL", "STACK_GLOBAL", "INST", "EXT1", "EXT2", "EXT4")}
+
+
+def read_model(path: str) -> dict:
+    """A --save-model file, read without running code from it and without allocating what it claims.
+
+    torch.load(weights_only=True) runs no code, but a crafted file could still make it build a huge
+    bytearray or inflate a compressed record. So the file must first look as torch.save writes it: a
+    regular file holding an uncompressed zip, whose small pickle names nothing but MODEL_PICKLE_NAMES;
+    its tensors are then mapped from the file (mmap) rather than copied. Raises ValueError with one sentence.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:  # missing, a symlink loop, a name too long, a path through a file...
+        raise ValueError(f"cannot read --load-model {path}: {e.strerror}.")
+    if not stat.S_ISREG(mode):  # a directory, FIFO, socket or device is never opened
+        raise ValueError(f"--load-model {path} is not a regular file; it takes a .pt file written by --save-model.")
+    names, model = set(), None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            pickles = [record for record in records if record.filename.endswith("/data.pkl")]
+            if (len(pickles) == 1 and pickles[0].file_size <= 2**20
+                    and sum(record.file_size for record in records) <= os.path.getsize(path)
+                    and all(record.compress_type == zipfile.ZIP_STORED for record in records)):
+                names = pickle_names(archive.read(pickles[0]))
+                if names <= MODEL_PICKLE_NAMES:
+                    model = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip, truncated, corrupt: model stays None
+        pass
+    if names - MODEL_PICKLE_NAMES:
+        raise ValueError(f"--load-model {path} was refused: its pickle asks for {min(names - MODEL_PICKLE_NAMES)[:100]}, "
+                         f"which a saved model never needs.")
+    kinds = {"script": str, "env_id": str, "args": dict, "observation_space": dict, "action_space": dict, "networks": dict}
+    if not (isinstance(model, dict) and all(isinstance(model.get(key), kind) for key, kind in kinds.items())):
+        raise ValueError(f"--load-model {path} is not an agent saved by --save-model (it is empty, truncated, "
+                         f"corrupt or another kind of file).")
+    if model["script"] != os.path.basename(__file__):
+        raise ValueError(f"--load-model {path} holds an agent saved by {model['script'][:100]}, not by "
+                         f"{os.path.basename(__file__)}; load it with that script.")
+    return model
+
+
+def kind(value) -> tuple:
+    """A value's type, with its items' types for a tuple (as --hidden-sizes)."""
+    return (type(value), *map(type, value)) if isinstance(value, tuple) else (type(value),)
+
+
+def settings_from_model(args: Args, model: dict, env_id_given: bool) -> Args:
+    """--load-model: the saved run's settings and environment, with the EVALUATION_FLAGS from the command line.
+    Raises ValueError when --env-id was given and names another environment, or a saved setting has the wrong type."""
+    if env_id_given and model["env_id"] != args.env_id:
+        raise ValueError(f"--load-model {args.load_model} holds an agent for {model['env_id'][:100]}, not for --env-id "
+                         f"{args.env_id}; leave --env-id out to evaluate it on its own environment.")
+    settings = {name: value for name, value in model["args"].items() if name in vars(args) and name not in EVALUATION_FLAGS}
+    for name, value in settings.items():
+        if kind(value) != kind(getattr(args, name)):
+            raise ValueError(f"--load-model {args.load_model} holds a {name} that is not a "
+                             f"{type(getattr(args, name)).__name__}.")
+    return dataclasses.replace(args, **settings)
+
+
+def load_networks(model: dict, networks: dict, env: gym.Env, path: str) -> None:
+    """Copy a saved agent's weights into `networks`, built from its settings, after checking that it was trained on
+    this environment's spaces and holds exactly the networks' tensors. Raises ValueError with one sentence."""
+    if (model["observation_space"] != space_record(env.observation_space)
+            or model["action_space"] != space_record(env.action_space)):
+        raise ValueError(f"--load-model {path} holds an agent for other observation or action spaces than "
+                         f"{model['env_id']} has here.")
+    for name, network in networks.items():
+        saved, expected = model["networks"].get(name), network.state_dict()
+        if not (isinstance(saved, dict) and saved.keys() == expected.keys()
+                and all(isinstance(saved[key], torch.Tensor) and saved[key].shape == tensor.shape
+                        and saved[key].dtype == tensor.dtype for key, tensor in expected.items())):
+            raise ValueError(f"--load-model {path}: its {name} does not have the tensors its own settings build.")
+        network.load_state_dict(saved)
+
+
+def open_writer(args: Args, run_name: str) -> SummaryWriter:
+    """The run's TensorBoard log in runs/<run_name>, opened with a table of the run's settings."""
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
+    )
+    print(f"logging to runs/{run_name}")
+    return writer
+
+
+def outputs(run_name: str, model_path: Optional[str], loaded: bool = False) -> list:
+    """The summary's last lines: where the run's log, the model and the video are, and how to look at them."""
+    lines = [f"run: runs/{run_name}  (see it: tensorboard --logdir runs)"]
+    if model_path is None:
+        lines.append("model: not saved (add --save-model)")
+    elif loaded:
+        lines.append(f"model: {model_path} (loaded)")
+    else:
+        lines.append(f"model: {model_path}  (replay it: python {sys.argv[0]} --load-model {model_path} --capture-video)")
+    lines += [f"video: {video}" for video in sorted(glob.glob(f"videos/{glob.escape(run_name)}/*.mp4"))]
+    return lines
+
+
+def save_demos(q_network: nn.Module, args: Args, device: torch.device) -> None:
+    """--save-demos: record args.demo_episodes greedy episodes (from seed + 2) into a new .npy file, for dqfd.py."""
+    demos = record_demos(q_network, make_env(args.env_id, args.seed + 2), args.demo_episodes, args.seed + 2, device)
+    try:
+        demo_file = open(args.save_demos, "xb")  # "x": never overwrite an existing file
+    except FileExistsError:
+        fail(f"--save-demos {args.save_demos} appeared during training; it was left untouched.")
+    try:
+        with demo_file:
+            np.save(demo_file, demos, allow_pickle=True)
+    except BaseException:
+        os.remove(args.save_demos)  # an interrupted write leaves no half-written file
+        raise
+    for episode, steps in enumerate(demos):
+        print(f"demo episode {episode}: return {sum(step[2] for step in steps):.1f}, {len(steps)} steps")
+
+
 if __name__ == "__main__":
     args = parse_args()
     error = check_args(args)
     if error:
         fail(error)
-    print(settings_line(args), flush=True)
+    model = None
+    if args.load_model is not None:  # the saved run's settings and environment; the evaluation's flags from the command line
+        try:
+            model = read_model(args.load_model)
+            env_id_given = any(token.split("=")[0] in ("--env-id", "--env_id") for token in sys.argv[1:])
+            args = settings_from_model(args, model, env_id_given)
+        except ValueError as e:
+            fail(str(e))
+        error = check_args(args)
+        if error:
+            fail(f"--load-model {args.load_model} holds settings this script refuses: {error}")
+        print(f"{args.load_model}: a {model['script']} agent for {args.env_id}, trained for {args.total_timesteps} steps; "
+              f"evaluating it, no training", flush=True)
+    else:
+        print(settings_line(args), flush=True)
     if args.capture_video:
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # render headless
         try:
@@ -662,15 +840,39 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     action_seed, buffer_seed = independent_seeds(args.seed, 2)  # the random actions' and the buffer's streams
 
-    # Environments: one for training, stepped directly, and one for evaluation
+    # Environments: one for training, stepped directly, one for the final evaluation and one for --eval-every's
     try:
         env = make_env(args.env_id, action_seed)
         eval_env = make_env(args.env_id, args.seed + 1, args.capture_video, run_name)
+        periodic_eval_env = make_env(args.env_id, args.seed + 1)
     except gym.error.Error as e:
         fail(f"cannot make {args.env_id}: {e}")
     error = check_spaces(env, args.env_id)
     if error:
         fail(error)
+
+    q_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
+    if model is not None:  # --load-model: the saved agent's greedy evaluation, no training
+        try:
+            load_networks(model, {"q_network": q_network}, env, args.load_model)
+        except ValueError as e:
+            fail(str(e))
+        writer = open_writer(args, run_name)
+        start_time = time.time()
+        eval_returns = evaluate(q_network, eval_env, args.eval_episodes, args.seed + 1, device)
+        for episode, episode_return in enumerate(eval_returns):
+            writer.add_scalar("eval/episodic_return", episode_return, episode)
+        if args.save_demos is not None:
+            save_demos(q_network, args, device)
+        eval_env.close()
+        writer.close()
+        print(f"eval: {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over {args.eval_episodes} greedy episodes")
+        print(f"wall time: {time.time() - start_time:.1f} s")
+        print("\n".join(outputs(run_name, args.load_model, loaded=True)))
+        if args.save_demos is not None:
+            print(f"demos: {args.save_demos}")
+        sys.exit(0)
+
     try:
         demos = load_demonstrations(args.demo_path, env.observation_space, env.action_space)
     except ValueError as e:
@@ -678,8 +880,6 @@ if __name__ == "__main__":
     if len(demos["actions"]) >= args.buffer_size:
         fail(f"--buffer-size ({args.buffer_size}) must exceed the {len(demos['actions'])} demonstration transitions, "
              f"which stay in the buffer for good.")
-
-    q_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
     # J_L2 = lambda3/2 * |theta|^2 on weights and biases: its gradient, lambda3 * theta, is Adam's weight decay
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, weight_decay=args.l2, fused=True)
     target_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
@@ -687,12 +887,7 @@ if __name__ == "__main__":
     rb = ReplayBuffer(args.buffer_size, env.observation_space, buffer_seed, args.alpha if args.use_per else 0.0)
     rb.add_demonstrations(demos)
 
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
-    )
-    print(f"logging to runs/{run_name}")
+    writer = open_writer(args, run_name)
 
     start_time = time.time()
     # Pre-training: gradient steps on the demonstrations alone, before the agent acts (Hester et al. 2018, Algorithm 1)
@@ -760,6 +955,11 @@ if __name__ == "__main__":
             if global_step % args.target_network_frequency == 0:
                 update_target(target_network, q_network, args.tau)
 
+        if args.eval_every and global_step % args.eval_every == 0:  # a greedy curve, on its own environment
+            periodic_returns = evaluate(q_network, periodic_eval_env, args.eval_every_episodes, args.seed + 1, device)
+            writer.add_scalar("eval/periodic_mean_return", np.mean(periodic_returns), global_step)
+            writer.add_scalar("eval/periodic_std_return", np.std(periodic_returns), global_step)
+
         if global_step % progress_every == 0:
             recent = f"{np.mean(recent_returns):8.1f}" if recent_returns else "       -"
             print(f"step {global_step:>8}/{args.total_timesteps}  return (last 10 episodes) {recent}  "
@@ -772,19 +972,12 @@ if __name__ == "__main__":
     model_path = None
     if args.save_model:
         model_path = f"runs/{run_name}/{args.exp_name}.pt"
-        torch.save(q_network.state_dict(), model_path + ".tmp")
-        os.replace(model_path + ".tmp", model_path)  # an interrupted save never leaves half a file
+        save_model(model_path, args, env, {"q_network": q_network})
     if args.save_demos is not None:
-        demos = record_demos(q_network, make_env(args.env_id, args.seed + 2), args.demo_episodes, args.seed + 2, device)
-        try:
-            with open(args.save_demos, "xb") as demo_file:  # "x": never overwrite an existing file
-                np.save(demo_file, demos, allow_pickle=True)
-        except FileExistsError:
-            fail(f"--save-demos {args.save_demos} appeared during training; it was left untouched.")
-        for episode, steps in enumerate(demos):
-            print(f"demo episode {episode}: return {sum(step[2] for step in steps):.1f}, {len(steps)} steps")
+        save_demos(q_network, args, device)
     env.close()
     eval_env.close()
+    periodic_eval_env.close()
     writer.close()
 
     if reward_threshold is None:
@@ -797,7 +990,6 @@ if __name__ == "__main__":
               f"{episodes_to_threshold - 19}-{episodes_to_threshold} reached {reward_threshold:g})")
     print(f"eval: {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over {args.eval_episodes} greedy episodes")
     print(f"wall time: {time.time() - start_time:.1f} s ({int(args.total_timesteps / train_time)} steps/s in training)")
-    print(f"run: runs/{run_name}")
-    print(f"model: {model_path or 'not saved (add --save-model)'}")
+    print("\n".join(outputs(run_name, model_path)))
     if args.save_demos is not None:
         print(f"demos: {args.save_demos}")

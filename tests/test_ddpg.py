@@ -106,10 +106,11 @@ def test_ou_noise_stationary_variance(dt, variance):
     assert lag_one == pytest.approx(1 - 0.15 * dt, abs=0.01)  # 0.85 and 0.9925
 
 
-def test_smoke_run_logs_every_scalar_and_saves_both_networks(tmp_path):
-    result = run_ok("ddpg.py", *SHORT, "--save-model", cwd=tmp_path)
+def test_smoke_run_logs_every_scalar_saves_both_networks_and_loads_them(tmp_path):
+    (tmp_path / "train").mkdir()
+    result = run_ok("ddpg.py", *SHORT, "--save-model", "--hidden-sizes", "32", "16", cwd=tmp_path / "train")
     assert "eval:" in result.stdout and "wall time:" in result.stdout
-    run_dir = only_run_dir(tmp_path)
+    run_dir = only_run_dir(tmp_path / "train")
     scalars = read_scalars(run_dir)
     for tag in ["charts/episodic_return", "charts/episodic_length", "charts/SPS",
                 "losses/qf_loss", "losses/qf_values", "losses/actor_loss", "eval/episodic_return"]:
@@ -117,24 +118,31 @@ def test_smoke_run_logs_every_scalar_and_saves_both_networks(tmp_path):
     assert len(scalars["eval/episodic_return"]) == 2
     env = gym.make("Pendulum-v1")
     saved = torch.load(run_dir / "ddpg.pt", weights_only=True)
-    ddpg.Actor(env.observation_space, env.action_space, ddpg.Args.hidden_sizes).load_state_dict(saved["actor"])
-    ddpg.Critic(env.observation_space, env.action_space, ddpg.Args.hidden_sizes).load_state_dict(saved["critic"])
+    assert saved["script"] == "ddpg.py" and saved["args"]["hidden_sizes"] == (32, 16)
+    ddpg.Actor(env.observation_space, env.action_space, (32, 16)).load_state_dict(saved["networks"]["actor"])
+    ddpg.Critic(env.observation_space, env.action_space, (32, 16)).load_state_dict(saved["networks"]["critic"])
     assert not list(run_dir.glob("*.tmp"))
+    # Loaded in a new process, without --hidden-sizes: the sizes come from the file, and the evaluation repeats exactly.
+    result = run_ok("ddpg.py", "--load-model", str(run_dir / "ddpg.pt"), "--eval-episodes", "2", cwd=tmp_path)
+    assert read_scalars(only_run_dir(tmp_path))["eval/episodic_return"] == scalars["eval/episodic_return"]
 
 
 def test_smoke_lunar_lander_continuous(tmp_path):
     run_ok("ddpg.py", "--env-id", "LunarLanderContinuous-v3", *SHORT, "--noise", "gaussian", cwd=tmp_path)
 
 
-def test_same_seed_same_returns(tmp_path):
+def test_same_seed_same_returns_with_or_without_eval_every(tmp_path):
+    """Two runs of one seed train alike; the second also evaluates every 200 steps, on its own environment,
+    which leaves the training episodes and the final evaluation unchanged."""
     flags = ["--total-timesteps", "600", "--learning-starts", "200", "--eval-episodes", "1", "--seed", "7"]
     returns = []
-    for name in ["a", "b"]:
+    for name, extra in [("a", []), ("b", ["--eval-every", "200", "--eval-every-episodes", "1"])]:
         (tmp_path / name).mkdir()
-        run_ok("ddpg.py", *flags, cwd=tmp_path / name)
+        run_ok("ddpg.py", *flags, *extra, cwd=tmp_path / name)
         scalars = read_scalars(only_run_dir(tmp_path / name))
         returns.append(scalars["charts/episodic_return"] + scalars["eval/episodic_return"])
     assert len(returns[0]) == 4 and returns[0] == returns[1]  # 3 episodes of 200 steps, then 1 evaluation
+    assert [step for step, _ in scalars["eval/periodic_mean_return"]] == [200, 400, 600]
 
 
 def test_discrete_action_space_is_refused(tmp_path):

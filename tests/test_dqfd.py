@@ -290,6 +290,19 @@ def test_smoke_run_with_the_shipped_demonstrations(tmp_path):
         assert scalars.get(tag), tag
 
 
+def test_save_a_trained_agent_and_load_it_without_its_demonstrations(tmp_path):
+    (tmp_path / "train").mkdir()
+    run_ok("dqfd.py", "--demo-path", str(ROOT / "demo_traj_2.npy"), *SHORT, "--save-model", "--eval-every", "150",
+           cwd=tmp_path / "train")
+    run_dir = only_run_dir(tmp_path / "train")
+    scalars = read_scalars(run_dir)
+    assert [step for step, _ in scalars["eval/periodic_mean_return"]] == [150, 300]
+    # --load-model needs no demonstration file: the agent's evaluation repeats exactly.
+    result = run_ok("dqfd.py", "--load-model", str(run_dir / "dqfd.pt"), "--eval-episodes", "2", cwd=tmp_path)
+    assert "pre-trained" not in result.stdout
+    assert read_scalars(only_run_dir(tmp_path))["eval/episodic_return"] == scalars["eval/episodic_return"]
+
+
 def test_smoke_ablations_remove_their_losses(tmp_path):
     flags = ["--lambda-n", "0", "--lambda-e", "0", "--l2", "0", "--no-use-per", "--pretrain-steps", "0"]
     run_ok("dqfd.py", "--demo-path", str(ROOT / "demo_traj_2.npy"), *SHORT[:2], "--eval-episodes", "1", *flags, cwd=tmp_path)

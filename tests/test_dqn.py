@@ -66,11 +66,10 @@ def test_smoke_run_logs_every_scalar(tmp_path):
     assert len(scalars["eval/episodic_return"]) == 2
 
 
-def test_smoke_save_model_and_demos(tmp_path):
-    run_ok("dqn.py", *SHORT, "--save-model", "--save-demos", "demo.npy", "--demo-episodes", "3", cwd=tmp_path)
+def test_smoke_save_model_and_demos_then_load_the_agent(tmp_path):
+    result = run_ok("dqn.py", *SHORT, "--save-model", "--save-demos", "demo.npy", "--demo-episodes", "3", cwd=tmp_path)
     run_dir = only_run_dir(tmp_path)
-    q_network = dqn.QNetwork(gym.make("CartPole-v1").observation_space, n_actions=2, hidden_size=dqn.Args.hidden_size)
-    q_network.load_state_dict(torch.load(run_dir / "dqn.pt", weights_only=True))
+    assert f"model: runs/{run_dir.name}/dqn.pt" in result.stdout and "--load-model" in result.stdout
     assert not list(run_dir.glob("*.tmp"))
     demos = np.load(tmp_path / "demo.npy", allow_pickle=True)
     assert demos.dtype == object and len(demos) == 3
@@ -80,19 +79,37 @@ def test_smoke_save_model_and_demos(tmp_path):
             assert action in (0, 1) and isinstance(reward, float) and isinstance(done, bool)
         np.testing.assert_array_equal(episode[0][3], episode[1][0])  # next_state is the next step's state
 
+    # A new process loads the agent (its settings from the file): the same seed's evaluation repeats
+    # exactly, and the demonstrations it records are the same greedy episodes, step for step.
+    (tmp_path / "load").mkdir()
+    result = run_ok("dqn.py", "--load-model", str(run_dir / "dqn.pt"), "--eval-episodes", "2", "--save-demos", "again.npy",
+                    "--demo-episodes", "1", cwd=tmp_path / "load")
+    assert "(loaded)" in result.stdout and "no training" in result.stdout
+    loaded_run = only_run_dir(tmp_path / "load")
+    assert read_scalars(loaded_run)["eval/episodic_return"] == read_scalars(run_dir)["eval/episodic_return"]
+    again = np.load(tmp_path / "load" / "again.npy", allow_pickle=True)
+    assert [step[1] for step in again[0]] == [step[1] for step in demos[0]]
+    assert not list(loaded_run.glob("*.pt"))  # nothing was trained, nothing saved
+
 
 def test_smoke_taxi_discrete_observations(tmp_path):
     run_ok("dqn.py", "--env-id", "Taxi-v4", *SHORT, cwd=tmp_path)
 
 
-def test_same_seed_same_returns(tmp_path):
+def test_same_seed_same_returns_with_or_without_eval_every(tmp_path):
+    """Two runs of one seed train alike, and --eval-every's evaluations (on their own environment) do not
+    change the training run: the second run evaluates every 300 steps and still gives the same episodes."""
     flags = ["--total-timesteps", "1500", "--learning-starts", "300", "--eval-episodes", "1", "--seed", "7"]
-    returns = []
-    for name in ["a", "b"]:
+    scalars = []
+    for name, extra in [("a", []), ("b", ["--eval-every", "300", "--eval-every-episodes", "2"])]:
         (tmp_path / name).mkdir()
-        run_ok("dqn.py", *flags, cwd=tmp_path / name)
-        returns.append(read_scalars(only_run_dir(tmp_path / name))["charts/episodic_return"])
+        run_ok("dqn.py", *flags, *extra, cwd=tmp_path / name)
+        scalars.append(read_scalars(only_run_dir(tmp_path / name)))
+    returns = [run["charts/episodic_return"] for run in scalars]
     assert len(returns[0]) > 20 and returns[0] == returns[1]
+    assert "eval/periodic_mean_return" not in scalars[0]
+    assert [step for step, _ in scalars[1]["eval/periodic_mean_return"]] == [300, 600, 900, 1200, 1500]
+    assert [step for step, _ in scalars[1]["eval/periodic_std_return"]] == [300, 600, 900, 1200, 1500]
 
 
 def test_learning_cartpole(tmp_path):

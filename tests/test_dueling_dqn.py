@@ -46,13 +46,18 @@ def test_discrete_observations_are_one_hot():
     assert q_network(torch.tensor([0, 499])).shape == (2, 6)
 
 
-def test_smoke_run_saves_the_dueling_network(tmp_path):
-    run_ok("dueling_dqn.py", "--total-timesteps", "400", "--learning-starts", "100", "--eval-episodes", "1",
-           "--save-model", cwd=tmp_path)
-    run_dir = only_run_dir(tmp_path)
-    q_network = dueling_dqn.QNetwork(gym.make("CartPole-v1").observation_space, 2, dueling_dqn.Args.hidden_size)
-    q_network.load_state_dict(torch.load(run_dir / "dueling_dqn.pt", weights_only=True))
+def test_smoke_run_saves_the_dueling_network_and_loads_it(tmp_path):
+    (tmp_path / "train").mkdir()
+    run_ok("dueling_dqn.py", "--total-timesteps", "400", "--learning-starts", "100", "--eval-episodes", "2",
+           "--save-model", "--hidden-size", "32", cwd=tmp_path / "train")
+    run_dir = only_run_dir(tmp_path / "train")
+    model = torch.load(run_dir / "dueling_dqn.pt", weights_only=True)
+    q_network = dueling_dqn.QNetwork(gym.make("CartPole-v1").observation_space, 2, hidden_size=32)
+    q_network.load_state_dict(model["networks"]["q_network"])
     assert read_scalars(run_dir).get("losses/td_loss")
+    # Loaded in a new process, without --hidden-size: the network's size comes from the file, and the evaluation repeats.
+    run_ok("dueling_dqn.py", "--load-model", str(run_dir / "dueling_dqn.pt"), "--eval-episodes", "2", cwd=tmp_path)
+    assert read_scalars(only_run_dir(tmp_path))["eval/episodic_return"] == read_scalars(run_dir)["eval/episodic_return"]
 
 
 def test_negative_max_grad_norm_is_refused(tmp_path):
