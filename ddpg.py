@@ -27,6 +27,7 @@ import random
 import stat
 import sys
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -166,8 +167,12 @@ def check_args(args: Args) -> Optional[str]:
                 f"--total-timesteps ({args.total_timesteps}).")
     if args.batch_size > args.buffer_size:
         return f"--batch-size ({args.batch_size}) cannot exceed --buffer-size ({args.buffer_size})."
-    if args.env_id not in gym.registry:
-        return f"unknown environment id '{args.env_id}' (gymnasium.pprint_registry() lists them)."
+    with warnings.catch_warnings():  # gymnasium warns, then raises, about a deprecated version
+        warnings.simplefilter("ignore")
+        try:
+            gym.spec(args.env_id)  # gymnasium's own message: it suggests a newer version or a near name
+        except gym.error.Error as e:
+            return f"--env-id {args.env_id}: {e}"
     return None
 
 
@@ -499,6 +504,9 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # a small network on a CPU runs fastest on one thread
     torch.set_flush_denormal(True)  # denormal floats are slow on CPUs (DDPG on MountainCarContinuous: 7x)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("--cuda: torch finds no GPU on this machine, so the run uses the CPU", flush=True)
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
     action_seed, buffer_seed, noise_seed = independent_seeds(args.seed, 3)  # the random actions', buffer's and noise's streams
 
     # Environments: one for training, stepped directly, one for the final evaluation and one for --eval-every's

@@ -15,6 +15,7 @@ import random
 import stat
 import sys
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import Optional
@@ -81,7 +82,7 @@ class Args:
     exploration_fraction: float = 0.12
     """the fraction of total_timesteps over which epsilon decays linearly from start_e to end_e"""
     learning_starts: int = 1_000
-    """environment steps of random play before learning starts"""
+    """environment steps before the first gradient step (the agent acts epsilon-greedily from the first step)"""
     train_frequency: int = 1
     """environment steps between gradient steps"""
     hidden_size: int = 128
@@ -159,8 +160,12 @@ def check_args(args: Args) -> Optional[str]:
         return f"--max-grad-norm must be at least 0, got {args.max_grad_norm}."
     if args.save_demos is not None and os.path.exists(args.save_demos):
         return f"--save-demos {args.save_demos} already exists; choose a new path, it is never overwritten."
-    if args.env_id not in gym.registry:
-        return f"unknown environment id '{args.env_id}' (gymnasium.pprint_registry() lists them)."
+    with warnings.catch_warnings():  # gymnasium warns, then raises, about a deprecated version
+        warnings.simplefilter("ignore")
+        try:
+            gym.spec(args.env_id)  # gymnasium's own message: it suggests a newer version or a near name
+        except gym.error.Error as e:
+            return f"--env-id {args.env_id}: {e}"
     return None
 
 
@@ -485,6 +490,9 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # a small network on a CPU runs fastest on one thread
     torch.set_flush_denormal(True)  # denormal floats are slow on CPUs (DDPG on MountainCarContinuous: 7x)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("--cuda: torch finds no GPU on this machine, so the run uses the CPU", flush=True)
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
     action_seed, buffer_seed = independent_seeds(args.seed, 2)  # the random actions' and the buffer's streams
 
     # Environments: one for training, stepped directly, one for the final evaluation and one for --eval-every's

@@ -29,6 +29,7 @@ import random
 import stat
 import sys
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import Optional
@@ -95,7 +96,7 @@ class Args:
     exploration_fraction: float = 0.25
     """the fraction of total_timesteps over which epsilon decays linearly from start_e to end_e"""
     learning_starts: int = 0
-    """environment steps of random play before learning starts"""
+    """environment steps before the first gradient step (the agent acts epsilon-greedily from the first step)"""
     train_frequency: int = 2
     """environment steps between gradient steps"""
     hidden_size: int = 128
@@ -212,8 +213,12 @@ def check_args(args: Args) -> Optional[str]:
     for name in ["margin", "lambda_n", "lambda_e", "l2"]:
         if not getattr(args, name) >= 0:
             return f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}."
-    if args.env_id not in gym.registry:
-        return f"unknown environment id '{args.env_id}' (gymnasium.pprint_registry() lists them)."
+    with warnings.catch_warnings():  # gymnasium warns, then raises, about a deprecated version
+        warnings.simplefilter("ignore")
+        try:
+            gym.spec(args.env_id)  # gymnasium's own message: it suggests a newer version or a near name
+        except gym.error.Error as e:
+            return f"--env-id {args.env_id}: {e}"
     return None
 
 
@@ -652,6 +657,23 @@ def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -
             target_param.lerp_(param, tau)
 
 
+def threshold_line(env_id: str, reward_threshold: Optional[float], episodes_to_threshold: Optional[int], episodes: int,
+                   pretrained: bool) -> str:
+    """The summary's line on the course's figure: the first episode at which the mean of the last 20 returns reached
+    the environment's reward threshold."""
+    if reward_threshold is None:
+        return f"episodes to threshold: {env_id} has no reward threshold"
+    if episodes_to_threshold is None:
+        return (f"episodes to threshold: not reached in {episodes} episodes (the mean of 20 episode returns never "
+                f"reached {reward_threshold:g})")
+    line = (f"episodes to threshold: {episodes_to_threshold} (the mean of episodes {episodes_to_threshold - 19}-"
+            f"{episodes_to_threshold} reached {reward_threshold:g}); 20 is the fewest possible, "
+            f"the threshold being a 20-episode mean")
+    if episodes_to_threshold == 20 and pretrained:
+        line += ": the demonstrations taught the policy before the agent acted, which is the point of DQfD"
+    return line
+
+
 # What a --save-model file's pickle may name: the three things torch.save needs for a dict of state_dicts
 MODEL_PICKLE_NAMES = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage"}
 # The flags --load-model takes from the command line; every other setting comes from the file
@@ -838,6 +860,9 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # a small network on a CPU runs fastest on one thread
     torch.set_flush_denormal(True)  # denormal floats are slow on CPUs (DDPG on MountainCarContinuous: 7x)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("--cuda: torch finds no GPU on this machine, so the run uses the CPU", flush=True)
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
     action_seed, buffer_seed = independent_seeds(args.seed, 2)  # the random actions' and the buffer's streams
 
     # Environments: one for training, stepped directly, one for the final evaluation and one for --eval-every's
@@ -873,6 +898,9 @@ if __name__ == "__main__":
             print(f"demos: {args.save_demos}")
         sys.exit(0)
 
+    shipped_demos = os.path.join(os.path.dirname(os.path.abspath(__file__)), Args.demo_path)
+    if args.demo_path == Args.demo_path and not os.path.exists(args.demo_path) and os.path.exists(shipped_demos):
+        args.demo_path = shipped_demos  # run from another folder: the demonstrations shipped next to this script
     try:
         demos = load_demonstrations(args.demo_path, env.observation_space, env.action_space)
     except ValueError as e:
@@ -900,8 +928,8 @@ if __name__ == "__main__":
             for name, value in losses.items():
                 writer.add_scalar(f"pretrain/{name}", value.item(), pretrain_step)
     if args.pretrain_steps:
-        print(f"pre-trained for {args.pretrain_steps} steps on {rb.demo_size} demonstration transitions "
-              f"in {time.time() - start_time:.1f} s", flush=True)
+        print(f"pre-trained for {args.pretrain_steps} steps on {rb.demo_size} demonstration transitions from "
+              f"{args.demo_path} in {time.time() - start_time:.1f} s", flush=True)
 
     # The course's protocol: the first episode at which the mean of the last 20 returns reaches the threshold
     reward_threshold = env.spec.reward_threshold
@@ -980,14 +1008,7 @@ if __name__ == "__main__":
     periodic_eval_env.close()
     writer.close()
 
-    if reward_threshold is None:
-        print(f"episodes to threshold: {args.env_id} has no reward threshold")
-    elif episodes_to_threshold is None:
-        print(f"episodes to threshold: not reached in {len(episode_returns)} episodes "
-              f"(the mean of 20 episode returns never reached {reward_threshold:g})")
-    else:
-        print(f"episodes to threshold: {episodes_to_threshold} (the mean of episodes "
-              f"{episodes_to_threshold - 19}-{episodes_to_threshold} reached {reward_threshold:g})")
+    print(threshold_line(args.env_id, reward_threshold, episodes_to_threshold, len(episode_returns), args.pretrain_steps > 0))
     print(f"eval: {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over {args.eval_episodes} greedy episodes")
     print(f"wall time: {time.time() - start_time:.1f} s ({int(args.total_timesteps / train_time)} steps/s in training)")
     print("\n".join(outputs(run_name, model_path)))

@@ -224,6 +224,19 @@ def test_demo_priority_bonus():
     np.testing.assert_allclose(buffer.sum_tree[buffer.leaves:][:3], [1.2247449, 0.7078135, 1.0], rtol=1e-6)
 
 
+def test_the_threshold_line_explains_its_figure():
+    line = dqfd.threshold_line("CartPole-v1", 475.0, 20, 26, pretrained=True)
+    # Reached at 20: episodes 20 - 19 = 1 to 20, the fewest possible, and the demonstrations get the credit.
+    assert line.startswith("episodes to threshold: 20 (the mean of episodes 1-20 reached 475)")
+    assert "20 is the fewest possible" in line and "the point of DQfD" in line
+    line = dqfd.threshold_line("CartPole-v1", 475.0, 35, 40, pretrained=True)  # episodes 35 - 19 = 16 to 35
+    assert line.startswith("episodes to threshold: 35 (the mean of episodes 16-35 reached 475)")
+    assert "fewest possible" in line and "DQfD" not in line
+    assert "DQfD" not in dqfd.threshold_line("CartPole-v1", 475.0, 20, 26, pretrained=False)  # no demonstrations taught it
+    assert "not reached in 6 episodes" in dqfd.threshold_line("CartPole-v1", 475.0, None, 6, pretrained=True)
+    assert "no reward threshold" in dqfd.threshold_line("Pendulum-v1", None, None, 6, pretrained=True)
+
+
 def filled_buffer(capacity: int, demo_rewards: list, demo_ends: list) -> dqfd.ReplayBuffer:
     space = gym.spaces.Box(-np.inf, np.inf, shape=(1,), dtype=np.float32)
     buffer = dqfd.ReplayBuffer(capacity, space, seed=0, alpha=0.4)
@@ -292,8 +305,9 @@ def test_smoke_run_with_the_shipped_demonstrations(tmp_path):
 
 def test_save_a_trained_agent_and_load_it_without_its_demonstrations(tmp_path):
     (tmp_path / "train").mkdir()
-    run_ok("dqfd.py", "--demo-path", str(ROOT / "demo_traj_2.npy"), *SHORT, "--save-model", "--eval-every", "150",
-           cwd=tmp_path / "train")
+    # Run from a folder without demo_traj_2.npy: the default --demo-path falls back to the file shipped next to dqfd.py.
+    result = run_ok("dqfd.py", *SHORT, "--save-model", "--eval-every", "150", cwd=tmp_path / "train")
+    assert f"demonstration transitions from {ROOT / 'demo_traj_2.npy'}" in result.stdout
     run_dir = only_run_dir(tmp_path / "train")
     scalars = read_scalars(run_dir)
     assert [step for step, _ in scalars["eval/periodic_mean_return"]] == [150, 300]

@@ -57,8 +57,11 @@ def test_discrete_observations_are_one_hot():
 
 
 def test_smoke_run_logs_every_scalar(tmp_path):
-    result = run_ok("dqn.py", *SHORT, cwd=tmp_path)
+    result = run_ok("dqn.py", *SHORT, "--cuda", cwd=tmp_path)
     assert "eval:" in result.stdout and "wall time:" in result.stdout
+    assert "tensorboard --logdir runs" in result.stdout
+    if not torch.cuda.is_available():  # --cuda without a GPU says so in one line, then runs on the CPU
+        assert "--cuda: torch finds no GPU" in result.stdout and "device: cpu" in result.stdout
     scalars = read_scalars(only_run_dir(tmp_path))
     for tag in ["charts/episodic_return", "charts/episodic_length", "charts/epsilon", "charts/SPS",
                 "losses/td_loss", "losses/q_values", "eval/episodic_return"]:
@@ -130,8 +133,15 @@ def test_contradictory_flags_are_refused(tmp_path):
     assert_one_line_error(result, "--batch-size")
     result = run_script("dqn.py", "--learning-starts", "5000", "--total-timesteps", "1000", cwd=tmp_path)
     assert_one_line_error(result, "--learning-starts")
-    assert_one_line_error(run_script("dqn.py", "--env-id", "NoSuchEnv-v0", cwd=tmp_path), "NoSuchEnv-v0")
+    # gymnasium's own message, which names the version to use (and no deprecation warning besides)
+    assert_one_line_error(run_script("dqn.py", "--env-id", "LunarLander-v2", cwd=tmp_path), "LunarLander-v3")
     assert not (tmp_path / "runs").exists()  # refused before anything ran
+
+
+def test_unknown_environments_get_gymnasiums_message():
+    assert "Did you mean: `CartPole`?" in dqn.check_args(dqn.Args(env_id="CartPol-v1"))
+    assert "It provides versioned environments: [ `v0`, `v1` ]" in dqn.check_args(dqn.Args(env_id="CartPole-v9"))
+    assert "NoSuchEnv" in dqn.check_args(dqn.Args(env_id="NoSuchEnv-v0"))
 
 
 def test_existing_demo_path_is_never_overwritten(tmp_path):
