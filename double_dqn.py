@@ -7,18 +7,22 @@ and value the next action and Q-values are overestimated. Here only td_target ch
 Run:  python double_dqn.py --env-id CartPole-v1 --seed 1
 """
 
+import atexit
 import dataclasses
 import glob
+import math
 import os
 import pickletools
 import random
+import re
+import signal
 import stat
 import sys
 import time
 import warnings
 import zipfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -126,12 +130,27 @@ def settings_line(args: Args) -> str:
 
 def fail(message: str) -> None:
     """End the run with one sentence on stderr and a non-zero exit."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever a message quotes
     sys.exit(2)
+
+
+def stop(signum: int, frame) -> None:
+    """Ctrl-C (SIGINT) and SIGTERM end the run with one line and exit code 128 + signum. The exit runs every cleanup:
+    atexit closes (so flushes) the TensorBoard log, and a save in progress removes its half-written file."""
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the cleanup
+    print(f"stopped by {signal.Signals(signum).name}; the TensorBoard log keeps what was logged so far", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 def check_args(args: Args) -> Optional[str]:
     """Return one sentence describing the first bad flag, or None when the flags are usable."""
+    for name, value in vars(args).items():  # inf passes `> 0` and nan fails every comparison: refuse both first
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"--{name.replace('_', '-')} must be a finite number, got {value}."
+    if not re.fullmatch(r"[\w.+=,-]+", args.exp_name) or set(args.exp_name) == {"."}:
+        return (f"--exp-name must be a plain file name (letters, digits and . _ - + = ,), got {args.exp_name!r}; "
+                f"it names the run's folder in runs/.")
     if not 0 <= args.seed <= 2**32 - 3:  # numpy and gymnasium take 32-bit seeds; evaluation uses seed + 1 and + 2
         return f"--seed must lie in [0, {2**32 - 3}], got {args.seed}."
     counts = ["total_timesteps", "eval_episodes", "buffer_size", "target_network_frequency",
@@ -176,6 +195,44 @@ def check_spaces(env: gym.Env, env_id: str) -> Optional[str]:
                 f"discrete actions (for continuous actions use ddpg.py).")
     if not isinstance(env.observation_space, (gym.spaces.Box, gym.spaces.Discrete)):
         return f"{env_id} has a {type(env.observation_space).__name__} observation space; this script needs Box or Discrete."
+    return None
+
+
+def check_memory(args: Args, env: gym.Env, build_networks: Callable[[], list]) -> Optional[str]:
+    """One sentence when the replay buffer and the networks would need more memory than this machine has.
+
+    The networks are built on the meta device, which gives their sizes and allocates nothing. Counted per buffer
+    slot: two observations, an action and at most 80 bytes of reward, flags and priority trees; per parameter:
+    five float32 copies (the network, its target, the gradient and Adam's two moments).
+    """
+    try:
+        with torch.device("meta"):
+            parameters = sum(parameter.numel() for network in build_networks() for parameter in network.parameters())
+    except (RuntimeError, TypeError):  # torch counts in 64 bits
+        return "the networks' layers are too large to build: they would hold more than 2^63 numbers."
+    spaces = (env.observation_space, env.observation_space, env.action_space)
+    slot_bytes = sum(space.dtype.itemsize * int(np.prod(space.shape)) for space in spaces) + 80
+    buffer_gib, networks_gib = args.buffer_size * slot_bytes / 2**30, 5 * 4 * parameters / 2**30
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
+        return None
+    if buffer_gib + networks_gib > memory_gib:
+        return (f"the replay buffer (--buffer-size {args.buffer_size}) would need {buffer_gib:,.1f} GiB and the networks "
+                f"{networks_gib:,.1f} GiB of memory, more than this machine's {memory_gib:,.1f} GiB.")
+    return None
+
+
+def check_demo_path(args: Args) -> Optional[str]:
+    """One sentence when --save-demos names a path that cannot be written, found before training by creating the
+    file (which must not exist) and removing it again."""
+    if args.save_demos is None:
+        return None
+    try:
+        open(args.save_demos, "xb").close()
+        os.remove(args.save_demos)
+    except OSError as e:
+        return f"cannot write --save-demos '{args.save_demos}': {e.strerror}."
     return None
 
 
@@ -252,8 +309,8 @@ class ReplayBuffer:
 
 
 def linear_schedule(start_e: float, end_e: float, duration: int, t: int) -> float:
-    """Epsilon decays linearly from start_e to end_e over `duration` steps, then stays at end_e."""
-    slope = (end_e - start_e) / duration
+    """Epsilon decays linearly from start_e to end_e over `duration` steps (at least 1), then stays at end_e."""
+    slope = (end_e - start_e) / max(duration, 1)
     return max(slope * t + start_e, end_e) if end_e <= start_e else min(slope * t + start_e, end_e)
 
 
@@ -412,15 +469,23 @@ def load_networks(model: dict, networks: dict, env: gym.Env, path: str) -> None:
         network.load_state_dict(saved)
 
 
-def open_writer(args: Args, run_name: str) -> SummaryWriter:
-    """The run's TensorBoard log in runs/<run_name>, opened with a table of the run's settings."""
-    writer = SummaryWriter(f"runs/{run_name}")
+def open_outputs(args: Args, run_name: str) -> tuple:
+    """The run's TensorBoard log in runs/<run_name>, opened with a table of the run's settings and closed at exit
+    whatever happens, and the path --save-model will write (None without it); both checked before training."""
+    try:
+        writer = SummaryWriter(f"runs/{run_name}")
+    except OSError as e:  # runs is a file or a dangling link, cannot be written, the name is too long...
+        fail(f"cannot write the run's log to runs/{run_name}: {e.strerror}.")
+    atexit.register(writer.close)
+    model_path = f"runs/{run_name}/{args.exp_name}.pt" if args.save_model else None
+    if model_path is not None and (os.path.lexists(model_path) or os.path.lexists(model_path + ".tmp")):
+        fail(f"{model_path} already exists; --save-model never overwrites it.")
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()),
     )
     print(f"logging to runs/{run_name}")
-    return writer
+    return writer, model_path
 
 
 def outputs(run_name: str, model_path: Optional[str], loaded: bool = False) -> list:
@@ -454,8 +519,10 @@ def save_demos(q_network: nn.Module, args: Args, device: torch.device) -> None:
 
 
 if __name__ == "__main__":
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     args = parse_args()
-    error = check_args(args)
+    error = check_args(args) or check_demo_path(args)
     if error:
         fail(error)
     model = None
@@ -485,6 +552,8 @@ if __name__ == "__main__":
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.cuda and args.torch_deterministic:  # deterministic cuBLAS needs a fixed workspace, set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.use_deterministic_algorithms(args.torch_deterministic)
     torch.set_num_threads(1)  # a small network on a CPU runs fastest on one thread
@@ -496,13 +565,18 @@ if __name__ == "__main__":
     action_seed, buffer_seed = independent_seeds(args.seed, 2)  # the random actions' and the buffer's streams
 
     # Environments: one for training, stepped directly, one for the final evaluation and one for --eval-every's
-    try:
-        env = make_env(args.env_id, action_seed)
-        eval_env = make_env(args.env_id, args.seed + 1, args.capture_video, run_name)
-        periodic_eval_env = make_env(args.env_id, args.seed + 1)
-    except gym.error.Error as e:
-        fail(f"cannot make {args.env_id}: {e}")
+    with warnings.catch_warnings(record=True) as notices:  # gymnasium's warnings, shown unless the error says it all
+        try:
+            env = make_env(args.env_id, action_seed)
+            eval_env = make_env(args.env_id, args.seed + 1, args.capture_video, run_name)
+            periodic_eval_env = make_env(args.env_id, args.seed + 1)
+        except (gym.error.Error, ImportError, OSError) as e:  # ImportError: the environment's package is missing
+            fail(f"cannot make {args.env_id}: {e}")
+    for notice in notices:
+        warnings.showwarning(notice.message, notice.category, notice.filename, notice.lineno)
     error = check_spaces(env, args.env_id)
+    if not error:
+        error = check_memory(args, env, lambda: [QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size)])
     if error:
         fail(error)
 
@@ -512,7 +586,7 @@ if __name__ == "__main__":
             load_networks(model, {"q_network": q_network}, env, args.load_model)
         except ValueError as e:
             fail(str(e))
-        writer = open_writer(args, run_name)
+        writer, _ = open_outputs(args, run_name)
         start_time = time.time()
         eval_returns = evaluate(q_network, eval_env, args.eval_episodes, args.seed + 1, device)
         for episode, episode_return in enumerate(eval_returns):
@@ -533,7 +607,7 @@ if __name__ == "__main__":
     target_network.load_state_dict(q_network.state_dict())
     rb = ReplayBuffer(args.buffer_size, env.observation_space, buffer_seed)
 
-    writer = open_writer(args, run_name)
+    writer, model_path = open_outputs(args, run_name)
 
     start_time = time.time()
     recent_returns = []
@@ -609,10 +683,11 @@ if __name__ == "__main__":
     eval_returns = evaluate(q_network, eval_env, args.eval_episodes, args.seed + 1, device)
     for episode, episode_return in enumerate(eval_returns):
         writer.add_scalar("eval/episodic_return", episode_return, episode)
-    model_path = None
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.pt"
-        save_model(model_path, args, env, {"q_network": q_network})
+    if model_path is not None:
+        try:
+            save_model(model_path, args, env, {"q_network": q_network})
+        except OSError as e:
+            fail(f"cannot save the model to {model_path}: {e.strerror}.")
     if args.save_demos is not None:
         save_demos(q_network, args, device)
     env.close()
