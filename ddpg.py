@@ -207,8 +207,8 @@ def check_spaces(env: gym.Env, env_id: str) -> Optional[str]:
     return None
 
 
-def check_memory(args: Args, env: gym.Env, build_networks: Callable[[], list]) -> Optional[str]:
-    """One sentence when the replay buffer and the networks would need more memory than this machine has.
+def check_memory(buffer_size: int, env: gym.Env, build_networks: Callable[[], list]) -> Optional[str]:
+    """One sentence when a replay buffer of buffer_size slots and the networks would need more memory than this machine has.
 
     The networks are built on the meta device, which gives their sizes and allocates nothing. Counted per buffer
     slot: two observations, an action and at most 80 bytes of reward, flags and priority trees; per parameter:
@@ -221,14 +221,14 @@ def check_memory(args: Args, env: gym.Env, build_networks: Callable[[], list]) -
         return "the networks' layers are too large to build: they would hold more than 2^63 numbers."
     spaces = (env.observation_space, env.observation_space, env.action_space)
     slot_bytes = sum(space.dtype.itemsize * int(np.prod(space.shape)) for space in spaces) + 80
-    buffer_gib, networks_gib = args.buffer_size * slot_bytes / 2**30, 5 * 4 * parameters / 2**30
+    buffer_gib, networks_gib = buffer_size * slot_bytes / 2**30, 5 * 4 * parameters / 2**30
     try:
         memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
         return None
     if buffer_gib + networks_gib > memory_gib:
-        return (f"the replay buffer (--buffer-size {args.buffer_size}) would need {buffer_gib:,.1f} GiB and the networks "
-                f"{networks_gib:,.1f} GiB of memory, more than this machine's {memory_gib:,.1f} GiB.")
+        return (f"the networks would need {networks_gib:,.1f} GiB and the replay buffer (--buffer-size {buffer_size}) "
+                f"{buffer_gib:,.1f} GiB of memory, more than this machine's {memory_gib:,.1f} GiB.")
     return None
 
 
@@ -577,8 +577,9 @@ if __name__ == "__main__":
         warnings.showwarning(notice.message, notice.category, notice.filename, notice.lineno)
     error = check_spaces(env, args.env_id)
     if not error:
-        error = check_memory(args, env, lambda: [Actor(env.observation_space, env.action_space, args.hidden_sizes),
-                                                 Critic(env.observation_space, env.action_space, args.hidden_sizes)])
+        buffer_size = 0 if model is not None else args.buffer_size  # --load-model builds no replay buffer
+        error = check_memory(buffer_size, env, lambda: [Actor(env.observation_space, env.action_space, args.hidden_sizes),
+                                                        Critic(env.observation_space, env.action_space, args.hidden_sizes)])
     if error:
         fail(error)
 

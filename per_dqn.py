@@ -212,8 +212,8 @@ def check_spaces(env: gym.Env, env_id: str) -> Optional[str]:
     return None
 
 
-def check_memory(args: Args, env: gym.Env, build_networks: Callable[[], list]) -> Optional[str]:
-    """One sentence when the replay buffer and the networks would need more memory than this machine has.
+def check_memory(buffer_size: int, env: gym.Env, build_networks: Callable[[], list]) -> Optional[str]:
+    """One sentence when a replay buffer of buffer_size slots and the networks would need more memory than this machine has.
 
     The networks are built on the meta device, which gives their sizes and allocates nothing. Counted per buffer
     slot: two observations, an action and at most 80 bytes of reward, flags and priority trees; per parameter:
@@ -226,14 +226,14 @@ def check_memory(args: Args, env: gym.Env, build_networks: Callable[[], list]) -
         return "the networks' layers are too large to build: they would hold more than 2^63 numbers."
     spaces = (env.observation_space, env.observation_space, env.action_space)
     slot_bytes = sum(space.dtype.itemsize * int(np.prod(space.shape)) for space in spaces) + 80
-    buffer_gib, networks_gib = args.buffer_size * slot_bytes / 2**30, 5 * 4 * parameters / 2**30
+    buffer_gib, networks_gib = buffer_size * slot_bytes / 2**30, 5 * 4 * parameters / 2**30
     try:
         memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
         return None
     if buffer_gib + networks_gib > memory_gib:
-        return (f"the replay buffer (--buffer-size {args.buffer_size}) would need {buffer_gib:,.1f} GiB and the networks "
-                f"{networks_gib:,.1f} GiB of memory, more than this machine's {memory_gib:,.1f} GiB.")
+        return (f"the networks would need {networks_gib:,.1f} GiB and the replay buffer (--buffer-size {buffer_size}) "
+                f"{buffer_gib:,.1f} GiB of memory, more than this machine's {memory_gib:,.1f} GiB.")
     return None
 
 
@@ -395,6 +395,13 @@ def td_target(rewards: torch.Tensor, next_q_online: torch.Tensor, next_q_target:
     """y = r + gamma * Q_target(s', argmax_a' Q(s', a')), no bootstrap past a termination (van Hasselt et al. 2016, eq. 4)."""
     next_actions = next_q_online.argmax(dim=1, keepdim=True)  # the online network picks a', the target network values it
     return rewards + gamma * next_q_target.gather(1, next_actions).squeeze(1) * (1.0 - terminations)
+
+
+def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -> None:
+    """theta_target <- tau * theta + (1 - tau) * theta_target; tau 1 is the paper's hard copy."""
+    with torch.no_grad():
+        for target_param, param in zip(target_network.parameters(), q_network.parameters()):
+            target_param.lerp_(param, tau)
 
 
 def greedy_action(q_network: nn.Module, obs, device: torch.device) -> int:
@@ -652,7 +659,9 @@ if __name__ == "__main__":
         warnings.showwarning(notice.message, notice.category, notice.filename, notice.lineno)
     error = check_spaces(env, args.env_id)
     if not error:
-        error = check_memory(args, env, lambda: [QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size)])
+        buffer_size = 0 if model is not None else args.buffer_size  # --load-model builds no replay buffer
+        error = check_memory(buffer_size, env,
+                             lambda: [QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size)])
     if error:
         fail(error)
 
@@ -747,11 +756,8 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/beta", beta, global_step)
                     writer.add_scalar("charts/importance_weight", weights.mean().item(), global_step)
 
-            # theta_target <- tau * theta + (1 - tau) * theta_target; tau 1 is the paper's hard copy
             if global_step % args.target_network_frequency == 0:
-                with torch.no_grad():
-                    for target_param, param in zip(target_network.parameters(), q_network.parameters()):
-                        target_param.lerp_(param, args.tau)
+                update_target(target_network, q_network, args.tau)
 
         if args.eval_every and global_step % args.eval_every == 0:  # a greedy curve, on its own environment
             periodic_returns = evaluate(q_network, periodic_eval_env, args.eval_every_episodes, args.seed + 1, device)

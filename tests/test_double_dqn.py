@@ -3,12 +3,72 @@
 Flags, logging, --save-model, --save-demos and bad input are shared with dqn.py and tested in test_dqn.py.
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import torch
 
 import double_dqn
 import dqn
-from helpers import assert_one_line_error, only_run_dir, read_scalars, run_ok, run_script
+from helpers import ROOT, assert_one_line_error, only_run_dir, read_scalars, run_ok, run_script
+
+# Runs a script under a trace hook that stops at every call of the script's own td_target and checks, against the
+# caller's q_network and target_network, whose Q-values it was handed; prints "calls N online N target N differ N".
+PROBE = """
+import runpy, sys, torch
+
+script = sys.argv[1]
+counts = {"calls": 0, "online": 0, "target": 0, "differ": 0}
+
+def probe(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "td_target" and frame.f_code.co_filename == script:
+        caller, arguments = frame.f_back.f_locals, frame.f_locals
+        with torch.no_grad():
+            online = caller["q_network"](caller["next_observations"])
+            target = caller["target_network"](caller["next_observations"])
+        counts["calls"] += 1
+        counts["online"] += torch.equal(arguments["next_q_online"], online)
+        counts["target"] += torch.equal(arguments["next_q_target"], target)
+        counts["differ"] += not torch.equal(online, target)
+    return None  # no line-by-line tracing
+
+sys.argv = sys.argv[1:]
+sys.settrace(probe)
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    sys.settrace(None)
+    print(" ".join(f"{key} {value}" for key, value in counts.items()))
+"""
+
+
+def probe_td_target_calls(script_path, cwd) -> dict:
+    flags = ["--total-timesteps", "300", "--learning-starts", "100", "--eval-episodes", "1"]
+    result = subprocess.run([sys.executable, "-c", PROBE, str(script_path), *flags], cwd=cwd, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    words = result.stdout.splitlines()[-1].split()
+    return dict(zip(words[::2], map(int, words[1::2])))
+
+
+def test_the_main_loop_hands_td_target_the_online_and_the_target_values(tmp_path):
+    """The script's own loop, not only td_target: at each of its 200 gradient steps the online network's values go
+    in as next_q_online and the target network's as next_q_target, while the two networks differ (so the check
+    could tell them apart). A copy whose call site falls back to the max target (the target network's values
+    passed twice) fails the same check."""
+    counts = probe_td_target_calls(ROOT / "double_dqn.py", tmp_path)
+    assert counts["calls"] == 200 and counts["online"] == counts["target"] == 200
+    assert counts["differ"] >= 199  # all but the first step, where the target network is still a copy
+    call_site = "td_target(rewards, q_network(next_observations), target_network(next_observations),"
+    source = (ROOT / "double_dqn.py").read_text()
+    assert source.count(call_site) == 1
+    broken = tmp_path / "broken" / "double_dqn.py"
+    broken.parent.mkdir()
+    broken.write_text(source.replace(call_site, call_site.replace("q_network(next", "target_network(next")))
+    counts = probe_td_target_calls(broken, broken.parent)
+    assert counts["calls"] == 200 and counts["target"] == 200
+    assert counts["online"] == 200 - counts["differ"] < 2  # caught wherever the networks differ
 
 
 def test_double_target_differs_from_the_max_target_where_the_argmaxes_differ():

@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+import ddpg
+import double_dqn
+import dqfd
 import dqn
+import dueling_dqn
+import per_dqn
 from helpers import assert_one_line_error, only_run_dir, read_scalars, run_ok, run_script
 
 SHORT = ["--total-timesteps", "400", "--learning-starts", "100", "--eval-episodes", "2"]
@@ -45,6 +50,45 @@ def test_td_target_with_a_terminated_and_a_truncated_transition():
     target = dqn.td_target(rewards, next_q_target, terminations, gamma=0.9)
     # 1 + 0.9 * 2 = 2.8;  1 + 0 = 1;  0.5 + 0.9 * (-1) = -0.4
     torch.testing.assert_close(target, torch.tensor([2.8, 1.0, -0.4]))
+
+
+def test_update_target_by_hand():
+    """update_target, letter for letter the same in the DQN family: tau 1 copies, tau < 1 blends."""
+    for script in [dqn, double_dqn, dueling_dqn, per_dqn, dqfd]:
+        target, online = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        with torch.no_grad():
+            target.weight.copy_(torch.tensor([[1.0, -2.0]])), target.bias.fill_(4.0)
+            online.weight.copy_(torch.tensor([[3.0, 2.0]])), online.bias.fill_(0.0)
+        script.update_target(target, online, tau=0.25)
+        # 0.25 * online + 0.75 * target: weight (0.75 + 0.75, 0.5 - 1.5) = (1.5, -1.0); bias 0 + 3 = 3
+        torch.testing.assert_close(target.weight, torch.tensor([[1.5, -1.0]]))
+        torch.testing.assert_close(target.bias, torch.tensor([3.0]))
+        script.update_target(target, online, tau=0.25)
+        # again: weight (0.75 + 1.125, 0.5 - 0.75) = (1.875, -0.25); bias 0.75 * 3 = 2.25
+        torch.testing.assert_close(target.weight, torch.tensor([[1.875, -0.25]]))
+        torch.testing.assert_close(target.bias, torch.tensor([2.25]))
+        script.update_target(target, online, tau=1.0)  # the paper's hard copy: exactly the online values
+        assert torch.equal(target.weight, online.weight) and torch.equal(target.bias, online.bias)
+        assert online.weight.tolist() == [[3.0, 2.0]] and online.bias.tolist() == [0.0]  # the online network is untouched
+
+
+def test_random_streams_are_independent():
+    """independent_seeds (shared by all six scripts) spawns seeds whose streams are not the one that
+    np.random.default_rng(seed), env.reset(seed=seed) and action_space.seed(seed) all start, nor each other's."""
+    seeds = dqn.independent_seeds(1, 3)
+    assert all(script.independent_seeds(1, 3) == seeds for script in [double_dqn, dueling_dqn, per_dqn, dqfd, ddpg])
+    assert seeds == dqn.independent_seeds(1, 3) and seeds != dqn.independent_seeds(2, 3)  # reproducible, per seed
+    # CartPole's first state is 4 draws from U(-0.05, 0.05) of the stream env.reset(seed=1) starts: default_rng(1)'s.
+    observation, _ = gym.make("CartPole-v1").reset(seed=1)
+    np.testing.assert_allclose(observation, np.random.default_rng(1).uniform(-0.05, 0.05, size=4), rtol=1e-6)
+    streams = [np.random.default_rng(seed).uniform(-0.05, 0.05, size=4) for seed in seeds]
+    for i, stream in enumerate(streams):
+        assert not np.isclose(stream, observation, rtol=1e-6).any()
+        for other in streams[i + 1:]:
+            assert not np.isin(stream, other).any()
+    # The action space seeded with a spawned seed samples another sequence than one seeded with 1.
+    space, spawned = gym.spaces.Discrete(1000, seed=1), gym.spaces.Discrete(1000, seed=seeds[0])
+    assert [space.sample() for _ in range(10)] != [spawned.sample() for _ in range(10)]
 
 
 def test_discrete_observations_are_one_hot():

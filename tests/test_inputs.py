@@ -68,7 +68,7 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(script):
                              ddpg.Critic(env.observation_space, env.action_space, args.hidden_sizes)]
         else:
             build = lambda: [script.QNetwork(env.observation_space, 2, args.hidden_size)]  # noqa: E731
-        return script.check_memory(args, env, build)
+        return script.check_memory(args.buffer_size, env, build)
 
     assert memory_error() is None
     # 10^12 slots of at least two 16-byte observations: some 10^4 TiB, whatever the machine.
@@ -78,7 +78,7 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(script):
     # 20 * 10^18 / 2^30 = 18,626,451,492 GiB. DQN's MLP has one such layer; the dueling network two (one per stream),
     # DDPG two (the actor's and the critic's second layers): 37,252,902,985 GiB.
     huge = {"hidden_sizes": (10**9, 10**9)} if script is ddpg else {"hidden_size": 10**9}
-    expected = "the networks 37,252,90" if script in (dueling_dqn, ddpg) else "the networks 18,626,451,"
+    expected = "the networks would need 37,252,90" if script in (dueling_dqn, ddpg) else "the networks would need 18,626,451,"
     assert expected in memory_error(**huge)
     # 10^10 units: more weights than torch counts in 64 bits
     huger = {"hidden_sizes": (10**10, 10**10)} if script is ddpg else {"hidden_size": 10**10}
