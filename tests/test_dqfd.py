@@ -106,6 +106,21 @@ def write_npy(path, array: np.ndarray, protocol: int, numpy_1x: bool = False) ->
     return str(path)
 
 
+def test_loads_what_save_demos_writes(tmp_path):
+    # record_demos is dqn.py's (--save-demos): greedy episodes of an untrained network on CartPole and on Taxi,
+    # whose observations are plain integers
+    for env_id in ["CartPole-v1", "Taxi-v4"]:
+        env = gym.make(env_id)
+        q_network = dqfd.QNetwork(env.observation_space, int(env.action_space.n), hidden_size=8)
+        recorded = dqfd.record_demos(q_network, gym.make(env_id, max_episode_steps=30), 2, 0, torch.device("cpu"))
+        demos = dqfd.load_demonstrations(save(tmp_path / f"{env_id}.npy", recorded), env.observation_space, env.action_space)
+        steps = [step for episode in recorded for step in episode]
+        np.testing.assert_array_equal(demos["observations"], np.array([step[0] for step in steps]))
+        np.testing.assert_array_equal(demos["actions"], [step[1] for step in steps])
+        np.testing.assert_array_equal(demos["next_observations"], np.array([step[3] for step in steps]))
+        assert np.flatnonzero(demos["episode_ends"]).tolist() == (np.cumsum([len(e) for e in recorded]) - 1).tolist()
+
+
 def test_loads_numpy_1x_files_and_every_protocol_identically(tmp_path):
     episodes = [[cartpole_step(0), (np.zeros(4), np.int64(0), np.float32(0.5), [1.0, 2.0, 3.0, 4.0], np.bool_(True))],
                 [cartpole_step(7, action=0)]]
