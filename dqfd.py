@@ -629,7 +629,7 @@ def brief(value) -> str:
     if isinstance(value, np.ndarray):
         return f"an array of shape {value.shape}"
     if isinstance(value, (list, tuple)):
-        return f"a {type(value).__name__} of {len(value)} items"
+        return f"a {type(value).__name__} of length {len(value)}"
     text = " ".join(repr(value[:60] if isinstance(value, (str, bytes, bytearray)) else value).split())
     return text if len(text) <= 60 else text[:57] + "..."
 
