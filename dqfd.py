@@ -518,8 +518,9 @@ class Unpickled:
         self.unpickler.items_left -= len(data) + math.prod(shape[:-1])  # and the lists .tolist() makes
         if self.unpickler.items_left < 0:  # a list shared by many arrays must not multiply the work
             raise Refused("builds more items than its size allows")
-        # Nested lists, not an object array: numpy frees arrays inside arrays recursively, a crash when deep
-        self.value = np.fromiter(data, object, len(data)).reshape(shape, order="F" if fortran else "C").tolist()
+        # Nested lists, not an object array: numpy frees arrays inside arrays recursively, a crash when deep.
+        # numpy pickles an object array's items in C order, Fortran-ordered or not.
+        self.value = np.fromiter(data, object, len(data)).reshape(shape).tolist()
 
 
 def unwrap(value):
@@ -695,8 +696,8 @@ def load_demonstrations(path: str, observation_space: gym.Space, action_space: g
                 demos[name][i] = value
             i += 1
     if outside:
-        print(f"warning: {first_outside} lies outside the observation space {observation_space}; {outside} of the "
-              f"{2 * n} states do, and training goes on.", file=sys.stderr)
+        print(f"warning: {first_outside} lies outside the observation space's bounds; {outside} of the {2 * n} "
+              f"states do, and training goes on.", file=sys.stderr)
     dtypes = [observation_space.dtype, np.int64, np.float32, observation_space.dtype, np.float32, bool]
     demos = {name: demos[name].astype(dtype) for name, dtype in zip(names, dtypes)}
     demos["episode_ends"] |= demos["terminations"] > 0  # a termination ends an episode even inside a list

@@ -62,6 +62,16 @@ def test_loads_the_3d_array_np_array_makes_from_equal_length_episodes(tmp_path):
     np.testing.assert_array_equal(demos["episode_ends"], [False, True, False, True])
 
 
+def test_loads_a_fortran_ordered_3d_array_of_episodes(tmp_path):
+    # numpy pickles an object array's items in C order even when the array is Fortran-ordered
+    episodes = [[cartpole_step(0), cartpole_step(1, action=0)], [cartpole_step(5), cartpole_step(6, done=True)]]
+    array = np.asfortranarray(np.array(episodes, dtype=object))
+    assert array.flags["F_CONTIGUOUS"] and not array.flags["C_CONTIGUOUS"]
+    demos = dqfd.load_demonstrations(save(tmp_path / "d.npy", array), CARTPOLE_OBS, gym.spaces.Discrete(2))
+    np.testing.assert_array_equal(demos["observations"][:, 0], [0, 1, 5, 6])
+    np.testing.assert_array_equal(demos["actions"], [1, 0, 1, 1])
+
+
 def test_loads_tuples_lists_and_numpy_scalars_inside(tmp_path):
     step_as_tuple = (np.zeros(4), np.int64(1), np.float32(0.5), [1.0, 2.0, 3.0, 4.0], np.bool_(False))
     step_of_lists = [[1.0, 2.0, 3.0, 4.0], 0, -1, (2.0, 2.0, 2.0, 2.0), True]
