@@ -485,8 +485,8 @@ class Refused(Exception):
     """A pickle that asks for something a demonstration file never needs."""
 
 
-def is_shape(shape) -> bool:
-    return isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
+def is_shape(shape) -> bool:  # at most numpy's 64 dimensions: the product of a million takes minutes
+    return isinstance(shape, tuple) and len(shape) <= 64 and all(type(n) is int and n >= 0 for n in shape)
 
 
 def numeric_array(data, dtype, shape, fortran=False) -> np.ndarray:

@@ -138,6 +138,11 @@ def pickle_claims_a_huge_shape(folder):
     return npy(folder / "huge_pickle.npy", whole(array((10**12,), dtype("f8"), raw(bytes(8)))))
 
 
+def a_shape_of_200_000_dimensions(folder):
+    # the product of 200,000 twos is a 200,000-bit number, and computing it one factor at a time takes seconds
+    return npy(folder / "dimensions.npy", whole(array((2,) * 200_000, dtype("f8"), raw(bytes(8)))))
+
+
 def zero_width_rows(folder):
     return npy(folder / "zero_width.npy", b"", descr="<f8", shape=(10**15, 0))
 
@@ -300,6 +305,7 @@ CRAFTED = [
     (zero_stride_ndarray, "truncated or corrupt"),
     (header_claims_a_huge_shape, "truncated or corrupt"),
     (pickle_claims_a_huge_shape, "truncated or corrupt"),
+    (a_shape_of_200_000_dimensions, "truncated or corrupt"),
     (zero_width_rows, "more episodes or steps than its"),
     (episodes_repeated_by_reference, "more episodes or steps than its"),
     (object_arrays_sharing_one_list, "builds more items than its size allows"),
