@@ -23,6 +23,7 @@ Run:  python dqfd.py --demo-path demo_traj_2.npy
 import atexit
 import dataclasses
 import glob
+import io
 import math
 import os
 import pickle
@@ -549,125 +550,238 @@ def record_demos(q_network: nn.Module, env: gym.Env, episodes: int, seed: int, d
     return demos
 
 
+MAX_DEMO_BYTES = 2**26  # 64 MiB, about 600,000 CartPole transitions: a larger file is refused unread
+# A state or reward beyond this is refused: on CartPole-v1 the first loss became inf with states of 1e39 (past
+# float32's 3.4e38) or rewards of 1e38 (their n-step sums overflow), and stayed finite up to 1e37.
+LARGEST_DEMO_VALUE = 1e30
+NUMERIC_DTYPES = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"}
+# The pickle opcodes numpy.save writes (protocols 3 to 5): no dict, set, object, extension or buffer ever. Of
+# these only REDUCE and BUILD call anything, and they reach only the code in DemoUnpickler and Unpickled.
+PICKLE_OPCODES = {"PROTO", "FRAME", "STOP", "MARK", "MEMOIZE", "BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET",
+                  "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "SHORT_BINUNICODE",
+                  "BINUNICODE", "SHORT_BINBYTES", "BINBYTES", "BYTEARRAY8", "EMPTY_LIST", "APPEND", "APPENDS",
+                  "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD"}
+
+
+class Refused(Exception):
+    """A pickle that asks for something a demonstration file never needs."""
+
+
+def is_shape(shape) -> bool:  # at most numpy's 64 dimensions: the product of a million takes minutes
+    return isinstance(shape, tuple) and len(shape) <= 64 and all(type(n) is int and n >= 0 for n in shape)
+
+
+def numeric_array(data, dtype, shape, fortran=False) -> np.ndarray:
+    """Numbers read by np.frombuffer from `data`, which must hold exactly the bytes `shape` and `dtype` need."""
+    if not (isinstance(dtype, np.dtype) and dtype.str[1:] in NUMERIC_DTYPES and isinstance(data, (bytes, bytearray))
+            and is_shape(shape) and len(data) == math.prod(shape) * dtype.itemsize):
+        raise ValueError("an array's data does not match its shape and dtype")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+
+
+class Unpickled:
+    """An array or dtype that a pickle makes, built here from the plain values of its state, never by numpy."""
+
+    def __init__(self, unpickler, dtype_name: Optional[str] = None, value=None):
+        self.unpickler, self.dtype_name, self.value = unpickler, dtype_name, value
+
+    def __setstate__(self, state):  # the pickle's BUILD
+        if self.value is not None or type(state) is not tuple:
+            raise ValueError("a BUILD of something already built")
+        if self.dtype_name:  # a dtype's state is (version, byte order, ...): only the byte order is read
+            self.value = np.dtype(self.dtype_name).newbyteorder(state[1])
+            return
+        _, shape, dtype, fortran, data = state  # an array's
+        if not (isinstance(unwrap(dtype), np.dtype) and unwrap(dtype).hasobject and type(data) is list):
+            self.value = numeric_array(data, unwrap(dtype), shape, fortran)
+            return
+        if not (is_shape(shape) and len(data) == math.prod(shape)):
+            raise ValueError("an object array's items do not match its shape")
+        self.unpickler.items_left -= len(data) + math.prod(shape[:-1])  # and the lists .tolist() makes
+        if self.unpickler.items_left < 0:  # a list shared by many arrays must not multiply the work
+            raise Refused("builds more items than its size allows")
+        # Nested lists, not an object array: numpy frees arrays inside arrays recursively, a crash when deep.
+        # numpy pickles an object array's items in C order, Fortran-ordered or not.
+        self.value = np.fromiter(data, object, len(data)).reshape(shape).tolist()
+
+
+def unwrap(value):
+    """The array or dtype that an Unpickled holds, or any other value as it is."""
+    return value.value if isinstance(value, Unpickled) else value
+
+
 class DemoUnpickler(pickle.Unpickler):
-    """An unpickler that builds only numpy arrays, dtypes and scalars and plain containers and numbers.
+    """pickle's unpickler for a pickle of checked opcodes, with numpy's few names mapped to the code above."""
 
-    A pickle names the callables it wants run; np.load(..., allow_pickle=True) runs any of them
-    (os.system included). Here every other name is refused before anything is called.
-    """
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.items_left = len(data)  # object arrays may copy at most one item per byte of the file
 
-    ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-               ("numpy._core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype"),
-               *(("builtins", name) for name in ("list", "tuple", "dict", "set", "frozenset", "int",
-                                                  "float", "complex", "bool", "str", "bytes", "bytearray"))}
+    def make_dtype(self, name, *flags) -> Unpickled:
+        if not (isinstance(name, str) and (name in NUMERIC_DTYPES or name == "O8")):
+            raise Refused(f"asks for the dtype {brief(name)}, but demonstrations are numbers")
+        return Unpickled(self, dtype_name=name)
 
     def find_class(self, module: str, name: str):
-        module = module.replace("numpy.core.", "numpy._core.")  # the same functions in files written by numpy 1.x
-        if (module, name) not in self.ALLOWED:
-            self.refused = f"{module}.{name}"
-            raise pickle.UnpicklingError(self.refused)
-        return super().find_class(module, name)
+        imitations = {  # numpy 1.x wrote numpy.core for numpy._core
+            "numpy._core.multiarray._reconstruct": lambda *args: Unpickled(self),  # an empty array, filled in by BUILD
+            "numpy.ndarray": "ndarray",  # only an argument of _reconstruct
+            "numpy.dtype": self.make_dtype,
+            "numpy._core.multiarray.scalar": lambda dtype, data: numeric_array(data, unwrap(dtype), ()).item(),
+            "numpy._core.numeric._frombuffer": lambda data, dtype, shape, order: Unpickled(
+                self, value=numeric_array(data, unwrap(dtype), shape, order == "F")),
+        }
+        full_name = f"{module.replace('numpy.core.', 'numpy._core.')}.{name}"
+        if full_name not in imitations:
+            raise Refused(f"asks for {' '.join(full_name[:80].split())}, which a demonstration file never needs "
+                          f"and which could run code")
+        return imitations[full_name]
 
 
-def read_npy(path: str):
-    """The contents of a .npy file, read without ever running code from it."""
-    try:
-        with open(path, "rb") as file:
-            try:
-                version = np.lib.format.read_magic(file)
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                               (2, 0): np.lib.format.read_array_header_2_0}[version]
-                _, _, dtype = read_header(file)
-            except (ValueError, KeyError, EOFError):
-                raise ValueError(f"{path} is not a .npy file numpy.save can write (its header is unreadable).")
-            if not dtype.hasobject:  # plain numbers: numpy reads them with pickling off
-                file.seek(0)
-                try:
-                    return np.lib.format.read_array(file, allow_pickle=False)
-                except ValueError:
-                    raise ValueError(f"{path} is truncated or corrupt: its array data cannot be read.")
-            unpickler = DemoUnpickler(file)
-            unpickler.refused = None
-            try:
-                return unpickler.load()
-            except Exception:
-                if unpickler.refused:
-                    raise ValueError(f"{path} was refused: its pickle asks for {unpickler.refused}, which a "
-                                     f"demonstration file never needs, and loading it could run code.")
-                raise ValueError(f"{path} is truncated or corrupt: its pickled episodes cannot be read.")
+def unpickle(data: bytes):
+    """The value a numpy.save pickle describes, of numbers, strings, lists, tuples and Unpickled arrays only.
+
+    pickletools.genops reads every opcode without acting on it, checking each length it gives against the
+    bytes there; only a pickle of the opcodes above goes on to pickle's unpickler.
+    """
+    memo_size = 0
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name not in PICKLE_OPCODES:
+            raise Refused(f"uses the opcode {opcode.name}, which numpy.save never writes")
+        if opcode.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT"):  # numbered 0, 1, 2...: a larger number would make
+            if arg not in (None, memo_size):                     # the unpickler allocate a memo that long
+                raise ValueError("a memo index out of order")
+            memo_size += 1
+    return DemoUnpickler(data).load()
+
+
+def read_npy(path: str) -> tuple:
+    """The contents of a .npy file and its size in bytes, read without running code or believing a size it claims."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"the demonstration path {path} is not a regular file (a directory, FIFO, socket or device).")
+    try:  # O_NONBLOCK: a FIFO put in the file's place since the check cannot make open() wait for a writer
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as file:
+            size = os.fstat(file.fileno()).st_size
+            if size > MAX_DEMO_BYTES:
+                raise ValueError(f"the demonstration file {path} has {size} bytes, more than the {MAX_DEMO_BYTES} "
+                                 f"(MAX_DEMO_BYTES) that dqfd.py reads.")
+            contents = io.BytesIO(file.read(size))
     except FileNotFoundError:
         raise ValueError(f"the demonstration file {path} does not exist; record one with "
                          f"`python dqn.py --save-demos {path}` or pass --demo-path.")
-    except IsADirectoryError:
-        raise ValueError(f"the demonstration path {path} is a directory, not a .npy file.")
-    except PermissionError:
-        raise ValueError(f"the demonstration file {path} cannot be read (permission denied).")
-
-
-def as_numbers(value) -> Optional[np.ndarray]:
-    """`value` as a float64 array, or None when it holds anything but numbers (or is ragged)."""
+    except OSError as error:
+        raise ValueError(f"the demonstration file {path} cannot be read ({error.strerror}).")
     try:
-        array = np.asarray(value)
-        if array.dtype == object:  # e.g. a state kept as a list inside an object array
-            array = np.array(array.tolist())
-        return array.astype(np.float64) if array.dtype.kind in "biuf" else None
-    except (TypeError, ValueError):
-        return None
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        shape, fortran, dtype = read_header[np.lib.format.read_magic(contents)](contents)
+    except (ValueError, KeyError, RecursionError):
+        raise ValueError(f"{path} is not a .npy file numpy.save can write (its header is unreadable).")
+    if not dtype.hasobject and dtype.str[1:] not in NUMERIC_DTYPES:
+        raise ValueError(f"{path} holds an array of {dtype}, but demonstrations are numbers.")
+    try:
+        if dtype.hasobject:
+            return unwrap(unpickle(contents.read())), size
+        return numeric_array(contents.read(math.prod(shape) * dtype.itemsize), dtype, shape, fortran), size
+    except Refused as error:
+        raise ValueError(f"{path} was refused: its pickle {error}.")
+    except Exception:  # whatever else a malformed pickle makes the unpickler raise
+        raise ValueError(f"{path} is truncated or corrupt: its {'pickle' if dtype.hasobject else 'array data'} cannot be read.")
+
+
+def is_sequence(value) -> bool:
+    """A list, a tuple or an array with at least one dimension (a 0-d array has no items)."""
+    return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0)
+
+
+def as_numbers(value, shape: tuple) -> Optional[np.ndarray]:
+    """`value` as a float64 array of `shape`, or None when it is anything else; nothing larger is ever converted."""
+    value = unwrap(value)
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float64) if value.shape == shape else None
+    if shape == () and isinstance(value, (int, float, np.integer, np.floating, np.bool_)):
+        return np.array(float(value) if not isinstance(value, int) or abs(value) < 2**1000 else np.inf)
+    if shape and isinstance(value, (list, tuple)) and len(value) == shape[0]:
+        rows = [as_numbers(item, shape[1:]) for item in value]
+        return None if any(row is None for row in rows) else np.array(rows)
+    return None
 
 
 def brief(value) -> str:
-    """A value's repr on one short line, for an error message."""
-    text = " ".join(repr(value).split())
+    """A value on one short line for an error message; a sequence only by its kind and size (it may nest deep)."""
+    value = unwrap(value)
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    text = " ".join(repr(value[:60] if isinstance(value, (str, bytes, bytearray)) else value).split())
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_demonstrations(path: str, observation_space: gym.Space, action_space: gym.spaces.Discrete) -> dict:
     """Read the course's demonstration layout and check it against the environment.
 
-    The file holds an array of episodes (a 1-D object array, or the 3-D one np.array makes when all
-    episodes have the same length); each episode is a sequence of steps
-    [state, action, reward, next_state, done], lists, tuples or arrays alike. `done` is gymnasium's
-    `terminated`: an episode whose last step has done False was cut by a time limit and bootstraps.
-    Returns flat arrays of the transitions in order, with `episode_ends` marking each episode's
-    last step. Any problem raises ValueError with one sentence naming the episode and step.
+    The file holds an array of episodes (a 1-D object array, or the 3-D one np.array makes when all episodes
+    have the same length); each episode is a sequence of steps [state, action, reward, next_state, done], lists,
+    tuples or arrays alike. `done` is gymnasium's `terminated`: an episode whose last step has done False was cut
+    by a time limit and bootstraps. Returns flat arrays of the transitions in order, `episode_ends` marking each
+    episode's last step. A problem raises ValueError with one sentence naming the episode and step; states
+    outside the observation space's bounds get one warning line on stderr.
     """
-    episodes = read_npy(path)
-    if isinstance(episodes, np.ndarray) and episodes.ndim == 0:
-        episodes = episodes.item()  # a list saved as a 0-d object array
-    if not isinstance(episodes, (np.ndarray, list, tuple)):
-        raise ValueError(f"{path} holds a {type(episodes).__name__}, not an array of episodes.")
-    is_discrete = isinstance(observation_space, gym.spaces.Discrete)
-    columns = {name: [] for name in ["observations", "actions", "rewards", "next_observations", "terminations", "episode_ends"]}
+    episodes, size = read_npy(path)
+    shape, is_discrete = observation_space.shape, isinstance(observation_space, gym.spaces.Discrete)
+    if not is_sequence(episodes):
+        raise ValueError(f"{path} holds {brief(episodes)}, not an array of episodes.")
+    # An honest file spends a byte or more on each number it gives, but a pickle can repeat an episode by
+    # reference a million times in a few bytes, and an array can have 10^15 empty rows: read at most 2 numbers a byte.
+    too_many = ValueError(f"{path} was refused: it gives more episodes or steps than its {size} bytes could hold.")
+    if len(episodes) > 2 * size:
+        raise too_many
+    episodes = [unwrap(episode) for episode in episodes]
     for e, episode in enumerate(episodes):
-        if not isinstance(episode, (np.ndarray, list, tuple)):
-            raise ValueError(f"{path}: episode {e} is a {type(episode).__name__}, not a sequence of steps.")
+        if not is_sequence(episode):
+            raise ValueError(f"{path}: episode {e} is {brief(episode)}, not a sequence of steps.")
+    n = sum(len(episode) for episode in episodes)
+    if len(episodes) + n * (2 * math.prod(shape) + 3) > 2 * size:
+        raise too_many
+    if n == 0:
+        raise ValueError(f"{path} holds no transitions; it needs at least one step.")
+    names = ["observations", "actions", "rewards", "next_observations", "terminations", "episode_ends"]
+    demos = {name: np.zeros((n, *shape) if "observations" in name else n) for name in names}
+    i, outside, first_outside = 0, 0, ""
+    for e, episode in enumerate(episodes):
         for t, step in enumerate(episode):
-            where = f"{path}: episode {e}, step {t}"
-            if not isinstance(step, (np.ndarray, list, tuple)) or len(step) != 5:
+            where, step = f"{path}: episode {e}, step {t}", unwrap(step)
+            if not is_sequence(step) or len(step) != 5:
                 raise ValueError(f"{where} is not a [state, action, reward, next_state, done] step.")
-            state, action, reward, next_state, done = (as_numbers(value) for value in step)
-            for name, obs in [("state", state), ("next_state", next_state)]:
-                if obs is None or obs.shape != observation_space.shape:
-                    shape = "no numeric shape" if obs is None else f"shape {obs.shape}"
-                    raise ValueError(f"{where}: the {name} has {shape}, but the environment's observations "
-                                     f"have shape {observation_space.shape}.")
-                if not np.isfinite(obs).all():
-                    raise ValueError(f"{where}: the {name} holds a non-finite number ({obs.tolist()}).")
+            state, action, reward, next_state, done = (as_numbers(value, value_shape) for value, value_shape
+                                                       in zip(step, [shape, (), (), shape, ()]))
+            for name, obs, value in [("state", state, step[0]), ("next_state", next_state, step[3])]:
+                if obs is None:
+                    raise ValueError(f"{where}: the {name} is {brief(value)}, but the environment's observations "
+                                     f"are numbers of shape {shape}.")
+                if not (np.abs(obs) <= LARGEST_DEMO_VALUE).all():
+                    raise ValueError(f"{where}: the {name} holds {obs[~(np.abs(obs) <= LARGEST_DEMO_VALUE)][0]}, "
+                                     f"not a finite number within ±{LARGEST_DEMO_VALUE:g}.")
                 if is_discrete and (obs != int(obs) or not observation_space.contains(int(obs))):
                     raise ValueError(f"{where}: the {name} {obs.item()} is not in the observation space {observation_space}.")
-            if (action is None or action.shape != () or not np.isfinite(action) or action != int(action)
+                if not is_discrete and ((obs < observation_space.low) | (obs > observation_space.high)).any():
+                    outside, first_outside = outside + 1, first_outside or f"{where}: the {name}"
+            if (action is None or not np.isfinite(action) or action != int(action)
                     or not action_space.contains(int(action))):
                 raise ValueError(f"{where}: the action {brief(step[1])} is not in the action space {action_space}.")
-            if reward is None or reward.shape != () or not np.isfinite(reward):
-                raise ValueError(f"{where}: the reward {brief(step[2])} is not a finite number.")
-            if done is None or done.shape != () or done not in (0, 1):
+            if reward is None or not abs(reward) <= LARGEST_DEMO_VALUE:
+                raise ValueError(f"{where}: the reward {brief(step[2])} is not a finite number within "
+                                 f"±{LARGEST_DEMO_VALUE:g}.")
+            if done is None or done not in (0, 1):
                 raise ValueError(f"{where}: done {brief(step[4])} is not a bool.")
-            for name, value in zip(columns, [state, action, reward, next_state, done, t == len(episode) - 1]):
-                columns[name].append(value)
-    if not columns["actions"]:
-        raise ValueError(f"{path} holds no transitions; it needs at least one step.")
+            for name, value in zip(names, [state, action, reward, next_state, done, t == len(episode) - 1]):
+                demos[name][i] = value
+            i += 1
+    if outside:
+        print(f"warning: {first_outside} lies outside the observation space's bounds; {outside} of the {2 * n} "
+              f"states do, and training goes on.", file=sys.stderr)
     dtypes = [observation_space.dtype, np.int64, np.float32, observation_space.dtype, np.float32, bool]
-    demos = {name: np.array(values).astype(dtype) for (name, values), dtype in zip(columns.items(), dtypes)}
+    demos = {name: demos[name].astype(dtype) for name, dtype in zip(names, dtypes)}
     demos["episode_ends"] |= demos["terminations"] > 0  # a termination ends an episode even inside a list
     return demos
 

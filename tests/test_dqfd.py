@@ -1,7 +1,6 @@
 """dqfd.py: the demonstration loader, the DQfD losses and buffer against hand-worked numbers, and the
 script run as a user runs it, with the shipped demo_traj_2.npy."""
 
-import io
 import os
 import pickle
 import shutil
@@ -63,6 +62,16 @@ def test_loads_the_3d_array_np_array_makes_from_equal_length_episodes(tmp_path):
     np.testing.assert_array_equal(demos["episode_ends"], [False, True, False, True])
 
 
+def test_loads_a_fortran_ordered_3d_array_of_episodes(tmp_path):
+    # numpy pickles an object array's items in C order even when the array is Fortran-ordered
+    episodes = [[cartpole_step(0), cartpole_step(1, action=0)], [cartpole_step(5), cartpole_step(6, done=True)]]
+    array = np.asfortranarray(np.array(episodes, dtype=object))
+    assert array.flags["F_CONTIGUOUS"] and not array.flags["C_CONTIGUOUS"]
+    demos = dqfd.load_demonstrations(save(tmp_path / "d.npy", array), CARTPOLE_OBS, gym.spaces.Discrete(2))
+    np.testing.assert_array_equal(demos["observations"][:, 0], [0, 1, 5, 6])
+    np.testing.assert_array_equal(demos["actions"], [1, 0, 1, 1])
+
+
 def test_loads_tuples_lists_and_numpy_scalars_inside(tmp_path):
     step_as_tuple = (np.zeros(4), np.int64(1), np.float32(0.5), [1.0, 2.0, 3.0, 4.0], np.bool_(False))
     step_of_lists = [[1.0, 2.0, 3.0, 4.0], 0, -1, (2.0, 2.0, 2.0, 2.0), True]
@@ -93,6 +102,75 @@ def test_loads_the_shipped_file():
     assert len(demos["actions"]) == 1000 and demos["rewards"].sum() == 1000
     assert demos["terminations"].sum() == 0 and np.flatnonzero(demos["episode_ends"]).tolist() == [499, 999]
     np.testing.assert_array_equal(demos["next_observations"][:499], demos["observations"][1:500])
+
+
+def write_npy(path, array: np.ndarray, protocol: int, numpy_1x: bool = False) -> str:
+    """A .npy file as np.save writes it, with the pickle protocol chosen; numpy_1x: numpy 1.x's module names."""
+    body = pickle.dumps(array, protocol=protocol)
+    if numpy_1x:
+        assert protocol == 3  # GLOBAL opcodes: the names are plain text lines
+        body = body.replace(b"numpy._core", b"numpy.core")
+    with open(path, "wb") as file:
+        np.lib.format.write_array_header_1_0(file, np.lib.format.header_data_from_array_1_0(array))
+        file.write(body)
+    return str(path)
+
+
+def test_loads_what_save_demos_writes(tmp_path):
+    # record_demos is dqn.py's (--save-demos): greedy episodes of an untrained network on CartPole and on Taxi,
+    # whose observations are plain integers
+    for env_id in ["CartPole-v1", "Taxi-v4"]:
+        env = gym.make(env_id)
+        q_network = dqfd.QNetwork(env.observation_space, int(env.action_space.n), hidden_size=8)
+        recorded = dqfd.record_demos(q_network, gym.make(env_id, max_episode_steps=30), 2, 0, torch.device("cpu"))
+        demos = dqfd.load_demonstrations(save(tmp_path / f"{env_id}.npy", recorded), env.observation_space, env.action_space)
+        steps = [step for episode in recorded for step in episode]
+        np.testing.assert_array_equal(demos["observations"], np.array([step[0] for step in steps]))
+        np.testing.assert_array_equal(demos["actions"], [step[1] for step in steps])
+        np.testing.assert_array_equal(demos["next_observations"], np.array([step[3] for step in steps]))
+        assert np.flatnonzero(demos["episode_ends"]).tolist() == (np.cumsum([len(e) for e in recorded]) - 1).tolist()
+
+
+def test_loads_numpy_1x_files_and_every_protocol_identically(tmp_path):
+    episodes = [[cartpole_step(0), (np.zeros(4), np.int64(0), np.float32(0.5), [1.0, 2.0, 3.0, 4.0], np.bool_(True))],
+                [cartpole_step(7, action=0)]]
+    expected = dqfd.load_demonstrations(save(tmp_path / "saved.npy", object_array(episodes)), CARTPOLE_OBS,
+                                        gym.spaces.Discrete(2))
+    for protocol, numpy_1x in [(3, True), (3, False), (4, False), (5, False)]:
+        path = write_npy(tmp_path / f"p{protocol}{numpy_1x}.npy", object_array(episodes), protocol, numpy_1x)
+        demos = dqfd.load_demonstrations(path, CARTPOLE_OBS, gym.spaces.Discrete(2))
+        for name in expected:
+            np.testing.assert_array_equal(demos[name], expected[name])
+    np.testing.assert_array_equal(expected["observations"][:, 0], [0, 0, 7])
+    np.testing.assert_array_equal(expected["rewards"], [1.0, 0.5, 1.0])
+
+
+def test_loads_big_endian_fortran_order_and_a_list_saved_as_a_0d_array(tmp_path):
+    # A big-endian float32 state and a Fortran-ordered (2, 2) float64 one mean the same numbers as native ones.
+    state = np.array([1.0, 2.0, 3.0, 4.0], dtype=">f4")
+    grid = np.asfortranarray([[1.0, 2.0], [3.0, 4.0]])
+    episode = [[state, 1, 1.0, grid.reshape(4), False], [grid.ravel(order="F"), 0, 2.0, state, True]]
+    array = np.empty((), dtype=object)
+    array[()] = [episode]  # np.save of a plain list of episodes makes a 0-d object array
+    demos = dqfd.load_demonstrations(save(tmp_path / "d.npy", array), CARTPOLE_OBS, gym.spaces.Discrete(2))
+    np.testing.assert_array_equal(demos["observations"], [[1, 2, 3, 4], [1, 3, 2, 4]])
+    np.testing.assert_array_equal(demos["next_observations"], [[1, 2, 3, 4], [1, 2, 3, 4]])
+    box = gym.spaces.Box(-np.inf, np.inf, shape=(2, 2))
+    demos = dqfd.load_demonstrations(save(tmp_path / "e.npy", object_array([[[grid, 0, 0.0, grid, True]]])), box,
+                                     gym.spaces.Discrete(2))
+    np.testing.assert_array_equal(demos["observations"][0], [[1, 2], [3, 4]])
+
+
+def test_a_state_outside_the_bounds_loads_with_one_warning_line(tmp_path, capsys):
+    space = gym.spaces.Box(-4.8, 4.8, shape=(4,), dtype=np.float32)  # CartPole's position bound, on every entry
+    steps = [cartpole_step(0), cartpole_step(1), cartpole_step(2)]
+    steps[1][0] = np.array([1e6, 0, 0, 0], dtype=np.float32)
+    steps[2][3] = np.array([0, 0, 0, -5], dtype=np.float32)
+    demos = dqfd.load_demonstrations(save(tmp_path / "d.npy", object_array([steps])), space, gym.spaces.Discrete(2))
+    assert demos["observations"][1, 0] == 1e6 and demos["next_observations"][2, 3] == -5
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: "), lines
+    assert "episode 0, step 1: the state lies outside" in lines[0] and "2 of the 6 states" in lines[0]
 
 
 # --- Loading: refusals, each one sentence naming where --------------------------------------
@@ -174,14 +252,16 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     assert marker.exists()
 
 
-def test_the_unpickler_admits_only_numpy_and_plain_python():
-    unpickler = dqfd.DemoUnpickler(io.BytesIO())
-    for module, name in [("builtins", "eval"), ("builtins", "getattr"), ("os", "system"), ("subprocess", "Popen"),
-                         ("numpy", "load"), ("numpy.testing", "assert_equal")]:
-        with pytest.raises(pickle.UnpicklingError):
+def test_the_unpickler_knows_five_numpy_names_and_nothing_else():
+    unpickler = dqfd.DemoUnpickler(b"")
+    for module, name in [("builtins", "eval"), ("builtins", "getattr"), ("builtins", "bytearray"), ("os", "system"),
+                         ("subprocess", "Popen"), ("numpy", "load"), ("numpy.testing", "assert_equal")]:
+        with pytest.raises(dqfd.Refused):
             unpickler.find_class(module, name)
-    # numpy 1.x names of the same reconstruction functions are accepted
-    assert unpickler.find_class("numpy.core.multiarray", "_reconstruct") is np.ndarray.__reduce__(np.zeros(1))[0]
+    # numpy 1.x's module names are numpy 2's; what comes back is the loader's own code, never numpy's
+    for module in ["numpy.core.multiarray", "numpy._core.multiarray"]:
+        assert isinstance(unpickler.find_class(module, "_reconstruct")(), dqfd.Unpickled)
+    assert unpickler.find_class("numpy", "ndarray") is not np.ndarray
 
 
 # --- The DQfD pieces, by hand ------------------------------------------------------------------
