@@ -1,7 +1,9 @@
 """benchmark/sweep.py: grids of flags times seeds, locally and on a Ray cluster that loses a node."""
 
 import csv
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -168,6 +170,138 @@ def test_a_bad_grid_ends_with_one_sentence_before_any_run(tmp_path, grid, words)
     result = run_sweep("dqn.py", *(["--grid", *grid] if grid else []), "--seeds", "1", "--out", str(out))
     assert_one_line_error(result, *words)
     assert not out.exists()
+
+
+# --- the runner's edges: signals, files that flags name, a shared --out --------------------------
+
+# A script a sweep can run, fast: it sleeps --seconds (and then first writes its pid and working folder
+# to --report); --die makes it print a warning and kill itself with SIGKILL.
+FAKE_SCRIPT = '''
+import dataclasses, json, os, signal, sys, time
+import tyro
+
+@dataclasses.dataclass
+class Args:
+    seed: int = 1
+    """the seed"""
+    seconds: float = 0.0
+    """how long the run sleeps"""
+    report: str = ""
+    """a file to write the run's pid and working folder to"""
+    die: bool = False
+    """print a warning, then kill itself with SIGKILL"""
+    exp_name: str = "fake"
+    """the run's name"""
+
+def check_args(args):
+    return None
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.seconds and args.report:
+        with open(args.report + ".partial", "w") as file:
+            json.dump({"pid": os.getpid(), "cwd": os.getcwd()}, file)
+        os.replace(args.report + ".partial", args.report)
+    if args.die:
+        print("UserWarning: a warning that is not why the run ended", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(args.seconds)
+    print("eval: 1.0 ± 0.0 over 1 greedy episodes")
+'''
+
+
+@pytest.fixture
+def fake_script(tmp_path):
+    path = tmp_path / "fake.py"
+    path.write_text(FAKE_SCRIPT)
+    return path
+
+
+@pytest.mark.parametrize("backend, stop", [("local", signal.SIGTERM), ("local", signal.SIGINT), ("ray", signal.SIGTERM)])
+def test_sigterm_stops_like_ctrl_c_keeping_finished_runs_and_no_temporary_folder(tmp_path, fake_script, request,
+                                                                                   backend, stop):
+    out, report = tmp_path / "sweep", tmp_path / "report.json"
+    ray_flags = ["--backend", "ray", "--ray-address", request.getfixturevalue("ray_cluster").address] if backend == "ray" else []
+    # One worker: seconds=0 finishes first, then seconds=120 starts and is stopped while it sleeps.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmark.sweep", str(fake_script), "--grid", "seconds=0,120", f"report={report}",
+         "--seeds", "1", "--out", str(out), "--workers", "1", *ray_flags],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (report.exists() and (out / sweep.LEDGER).exists()):
+            assert process.poll() is None and time.time() < deadline, process.communicate()
+            time.sleep(0.1)
+        run = json.loads(report.read_text())
+        assert Path(run["cwd"]).is_dir() and Path(f"/proc/{run['pid']}").exists()  # the second run is sleeping
+        process.send_signal(stop)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stdout + stderr
+    assert stderr == "", stderr
+    assert stdout.strip().splitlines()[-1] == (f"interrupted: 1 of 2 runs finished and kept in {out}; "
+                                               "the same command resumes.")
+    assert not Path(f"/proc/{run['pid']}").exists()  # the stopped run is not left running
+    assert not Path(run["cwd"]).exists()  # nor its temporary folder
+    rows = read_rows(out)
+    assert [(row["seconds"], row["status"]) for row in rows] == [("0", "ok")]
+    assert len((out / sweep.LEDGER).read_text().splitlines()) == 1
+
+
+def test_a_run_killed_by_a_signal_shows_the_signal_not_its_last_warning(tmp_path, fake_script):
+    out = tmp_path / "sweep"
+    result = run_sweep(str(fake_script), "--grid", "die=true", "--seeds", "1", "--out", str(out))
+    assert result.returncode == 1, result.stdout + result.stderr
+    [row] = read_rows(out)
+    assert row["status"] == "failed" and row["error"] == "killed by signal SIGKILL", row
+    assert "killed by signal SIGKILL" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["dqn.py", "dqfd.py"])
+def test_a_grid_that_would_save_demonstrations_is_refused_before_any_run(tmp_path, script):
+    out = tmp_path / "sweep"
+    result = run_sweep(script, "--grid", "save-demos=demos.npy", *TINY, "--seeds", "1", "--out", str(out))
+    assert_one_line_error(result, "--save-demos", "one run of the script")
+    assert not out.exists() and not (ROOT / "demos.npy").exists()
+
+
+def test_only_input_file_flags_travel_and_a_value_naming_a_file_stays_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-run").write_text("a file whose name is also the run's name")
+    demos = tmp_path / "elsewhere" / "demos.npy"
+    demos.parent.mkdir()
+    demos.write_bytes((ROOT / "demo_traj_2.npy").read_bytes())
+    # --exp-name is a string flag that names a file here: it is passed as written, nothing travels
+    run = sweep.prepare(sweep.Run(ROOT / "dqn.py", {"exp-name": "my-run", **dict(f.split("=") for f in TINY)}, 1, "s"))
+    assert run.argv[:2] == ["--exp-name", "my-run"] and run.inputs == {}
+    # --demo-path names an input file: it travels to inputs/demo-path/ on the worker, and the flag follows it
+    run = sweep.prepare(sweep.Run(ROOT / "dqfd.py", {"demo-path": str(demos), "exp-name": str(demos.name)}, 1, "s"))
+    assert run.argv[:4] == ["--demo-path", "inputs/demo-path/demos.npy", "--exp-name", "demos.npy"]
+    assert run.inputs == {"inputs/demo-path/demos.npy": str(demos)}
+    # a relative path travels to the same relative path
+    run = sweep.prepare(sweep.Run(ROOT / "dqfd.py", {"demo-path": "elsewhere/demos.npy"}, 1, "s"))
+    assert run.argv[:2] == ["--demo-path", "elsewhere/demos.npy"] and run.inputs == {"elsewhere/demos.npy": str(demos)}
+
+
+def test_an_out_holding_another_script_s_sweep_is_refused_and_its_results_kept(tmp_path, fake_script):
+    out = tmp_path / "sweep"
+    first = run_sweep(str(fake_script), "--grid", "seconds=0", "--seeds", "1", "--out", str(out))
+    assert first.returncode == 0, first.stdout + first.stderr
+    results, ledger = (out / "results.csv").read_text(), (out / sweep.LEDGER).read_text()
+    other = tmp_path / "other.py"
+    other.write_text(FAKE_SCRIPT)
+    second = run_sweep(str(other), "--grid", "seconds=0", "--seeds", "1", "--out", str(out))
+    assert_one_line_error(second, "python -m benchmark.sweep fake.py", "a folder of its own")
+    assert (out / "results.csv").read_text() == results and (out / sweep.LEDGER).read_text() == ledger
+    bench_run = subprocess.run([sys.executable, "-m", "benchmark.bench", "--cells", "dqn/CartPole-v1", "--out", str(out)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(bench_run, "python -m benchmark.sweep fake.py")
+    assert (out / "results.csv").read_text() == results
+    # the same script again resumes in its own folder
+    again = run_sweep(str(fake_script), "--grid", "seconds=0", "--seeds", "1", "--out", str(out))
+    assert again.returncode == 0 and "1 already finished" in again.stdout, again.stdout + again.stderr
 
 
 # --- the Ray backend on a two-node cluster on this machine, one node removed mid-sweep -----------
