@@ -457,6 +457,7 @@ def run_ray(items: list, address: Optional[str], workers: Optional[int], on_resu
 
 EVAL_LINE = re.compile(r"^eval: (\S+) ± (\S+)", re.M)
 SPS_LINE = re.compile(r"^wall time: .*\((\d+) steps/s", re.M)
+THRESHOLD_LINE = re.compile(r"^episodes to threshold: (\d+|not reached)", re.M)  # dqfd.py measures it
 
 
 def last_error_line(result: dict) -> str:
@@ -520,7 +521,7 @@ def make_record(out: Path, run: Run, result: dict) -> dict:
     """Write a finished run's files and return its row: status, summary numbers, folder, error line."""
     record = {"key": run.key, "script": run.script.name, "flags": run.flags, "seed": run.seed,
               "setting": run.setting, "group": run.group, "status": LOST, "eval_mean": None,
-              "eval_std": None, "episodes_to_threshold": None, "wall_s": None, "sps": None,
+              "eval_std": None, "measures_threshold": False, "episodes_to_threshold": None, "wall_s": None, "sps": None,
               "run_dir": None, "error": "", "host": result.get("host", "")}
     if "lost" in result:
         record["error"] = result["lost"]
@@ -538,10 +539,12 @@ def make_record(out: Path, run: Run, result: dict) -> dict:
     match = SPS_LINE.search(result["stdout"])
     if match:
         record["sps"] = int(match.group(1))
+    record["measures_threshold"] = THRESHOLD_LINE.search(result["stdout"]) is not None
     if record["run_dir"]:
         scalars = read_scalars(out / record["run_dir"], {"charts/episodes_to_threshold", "charts/SPS"})
         if "charts/episodes_to_threshold" in scalars:
             record["episodes_to_threshold"] = int(scalars["charts/episodes_to_threshold"][1][-1])
+            record["measures_threshold"] = True
         if record["sps"] is None and "charts/SPS" in scalars:
             record["sps"] = int(scalars["charts/SPS"][1][-1])
     return record
@@ -558,6 +561,11 @@ def read_ledger(out: Path) -> dict:
                 records[record["key"]] = record
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash
                 continue
+    # A record from before records said whether the run measures episodes to threshold: it does when
+    # another run of its script reached the threshold (only dqfd.py logs it, and only once reached).
+    reaching = {r.get("script") for r in records.values() if r.get("episodes_to_threshold") is not None}
+    for record in records.values():
+        record.setdefault("measures_threshold", record.get("script") in reaching)
     return records
 
 
@@ -624,19 +632,20 @@ def fmt_quartiles(q: Optional[tuple], digits: int = 1) -> str:
 def summarize(records: list, settings: list) -> list:
     """Per setting (in `settings` order): runs ok out of finished, and (median, q25, q75) of each number.
 
-    A run of a script that logs episodes_to_threshold but never reached the threshold counts as
-    infinitely many episodes (so a median can read "not reached")."""
-    tracks_threshold = any(r["episodes_to_threshold"] is not None for r in records)
+    Episodes to threshold are over the runs that measure them: one that never reached the threshold
+    counts as infinitely many episodes (so a median can read "not reached"); a setting none of whose
+    runs measures them has None (shown as "–")."""
     rows = []
     for setting in settings:
         runs = [r for r in records if r["setting"] == setting]
         ok = [r for r in runs if r["status"] == OK]
-        episodes = [r["episodes_to_threshold"] if r["episodes_to_threshold"] is not None else math.inf for r in ok]
+        measured = [r for r in ok if r["measures_threshold"]]
+        episodes = [r["episodes_to_threshold"] if r["episodes_to_threshold"] is not None else math.inf for r in measured]
         rows.append({
-            "setting": setting, "finished": len(runs), "ok": len(ok),
+            "setting": setting, "finished": len(runs), "ok": len(ok), "measured": len(measured),
             "reached": sum(not math.isinf(e) for e in episodes),
             "eval_mean": quartiles([r["eval_mean"] for r in ok]),
-            "episodes_to_threshold": quartiles(episodes) if tracks_threshold else None,
+            "episodes_to_threshold": quartiles(episodes),
             "wall_s": quartiles([r["wall_s"] for r in ok]), "sps": quartiles([r["sps"] for r in ok]),
         })
     return rows
@@ -664,7 +673,8 @@ def summary_table(rows: list, first_column: str = "setting") -> list:
     for i, row in enumerate(rows, 1):
         line = f"| {i} | {row['setting']} | {row['ok']}/{row['finished']} | {fmt_quartiles(row['eval_mean'])} |"
         if with_threshold:
-            line += f" {fmt_quartiles(row['episodes_to_threshold'], 0)} | {row['reached']}/{row['ok']} |"
+            reached = f"{row['reached']}/{row['measured']}" if row["measured"] else "–"
+            line += f" {fmt_quartiles(row['episodes_to_threshold'], 0)} | {reached} |"
         line += f" {fmt_quartiles(row['wall_s'], 0)} | {fmt_quartiles(row['sps'], 0)} |"
         lines.append(line)
     return lines
@@ -746,6 +756,8 @@ class Progress:
             what = f"eval {record['eval_mean']} ± {record['eval_std']}" if record["eval_mean"] is not None else "ok"
             if record["episodes_to_threshold"] is not None:
                 what += f", threshold at episode {record['episodes_to_threshold']}"
+            elif record["measures_threshold"]:
+                what += ", threshold not reached"
         else:
             what = record["error"]
         line = (f"[{self.done:>{len(str(self.total))}}/{self.total}] {record['status']:<6} {record['script']} "

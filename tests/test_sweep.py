@@ -83,7 +83,7 @@ def test_learning_curves_average_every_seed_up_to_the_right_edge(tmp_path):
 def test_summary_ranks_settings_and_counts_unreached_thresholds():
     def record(setting, seed, episodes, status="ok"):
         return {"setting": setting, "seed": seed, "status": status, "eval_mean": 500.0, "sps": 100,
-                "wall_s": 10.0, "episodes_to_threshold": episodes}
+                "wall_s": 10.0, "measures_threshold": True, "episodes_to_threshold": episodes}
     records = [record("slow", 1, 60), record("slow", 2, 80), record("slow", 3, 70),
                record("fast", 1, 30), record("fast", 2, None), record("fast", 3, 20),  # seed 2: never reached
                record("steady", 1, 30), record("steady", 2, 30), record("steady", 3, 30),
@@ -102,7 +102,7 @@ def test_summary_ranks_settings_and_counts_unreached_thresholds():
 def test_settings_without_a_threshold_rank_by_return_then_by_the_lower_quartile():
     def record(setting, eval_mean):
         return {"setting": setting, "seed": 1, "status": "ok", "eval_mean": eval_mean, "sps": 100, "wall_s": 10.0,
-                "episodes_to_threshold": None}
+                "measures_threshold": False, "episodes_to_threshold": None}
     records = [record("shaky", 500.0), record("shaky", 500.0), record("shaky", 100.0),  # median 500, q25 300
                record("solid", 500.0), record("solid", 500.0), record("solid", 500.0),  # median 500, q25 500
                record("weak", 300.0), record("weak", 300.0), record("weak", 300.0)]
@@ -110,6 +110,52 @@ def test_settings_without_a_threshold_rank_by_return_then_by_the_lower_quartile(
     assert "return" in ranked_by
     assert [row["setting"] for row in rows] == ["solid", "shaky", "weak"]
     assert rows[1]["eval_mean"] == pytest.approx((500.0, 300.0, 500.0))
+
+
+def test_the_table_shows_a_dash_for_a_metric_never_measured_and_not_reached_for_one_never_reached():
+    def record(setting, episodes, measures=True):
+        return {"setting": setting, "status": "ok", "eval_mean": 500.0, "sps": 100, "wall_s": 10.0,
+                "measures_threshold": measures, "episodes_to_threshold": episodes}
+    records = [record("n-step=1", 20), record("n-step=1", 30), record("n-step=1", None),  # never reached
+               record("n-step=10", 40), record("n-step=10", 60),
+               record("n-step=100", None), record("n-step=100", None),
+               record("no-threshold", None, measures=False), record("no-threshold", None, measures=False)]
+    rows, _ = sweep.rank(sweep.summarize(records, ["n-step=100", "no-threshold", "n-step=10", "n-step=1"]))
+    # n-step=1: 20, 30, inf at positions 0..2: median 30; 25th at 0.5 -> 20 + 0.5 * 10 = 25; 75th at 1.5,
+    # between 30 and inf -> inf. n-step=10: 40, 60: median at 0.5 -> 50; 25th at 0.25 -> 45; 75th -> 55.
+    # n-step=100: inf, inf. no-threshold: no run measures it. Ranked by (median, 75th): 30, 50, then the
+    # two at (inf, inf) in the order given.
+    assert sweep.summary_table(rows) == [
+        "| rank | setting | runs ok | eval return, median [IQR] | episodes to threshold, median [IQR] | reached "
+        "| wall s, median [IQR] | steps/s, median [IQR] |",
+        "|---|---|---|---|---|---|---|---|",
+        "| 1 | n-step=1 | 3/3 | 500.0 [500.0, 500.0] | 30 [25, not reached] | 2/3 | 10 [10, 10] | 100 [100, 100] |",
+        "| 2 | n-step=10 | 2/2 | 500.0 [500.0, 500.0] | 50 [45, 55] | 2/2 | 10 [10, 10] | 100 [100, 100] |",
+        "| 3 | n-step=100 | 2/2 | 500.0 [500.0, 500.0] | not reached [not reached, not reached] | 0/2 | 10 [10, 10] "
+        "| 100 [100, 100] |",
+        "| 4 | no-threshold | 2/2 | 500.0 [500.0, 500.0] | – | – | 10 [10, 10] | 100 [100, 100] |",
+    ]
+
+
+@pytest.mark.parametrize("stdout, measures", [
+    ("episodes to threshold: 23 (the mean of episodes 4-23 reached 475)\n", True),
+    ("episodes to threshold: not reached in 41 episodes (the mean of 20 episode returns never reached 475)\n", True),
+    ("episodes to threshold: MountainCarContinuous-v0 has no reward threshold\n", False),
+    ("eval: 500.0 ± 0.0 over 10 greedy episodes\n", False),  # a script that never measures it
+])
+def test_a_run_measures_episodes_to_threshold_when_it_prints_a_number_or_not_reached(tmp_path, stdout, measures):
+    run = sweep.Run(ROOT / "dqfd.py", {}, 1, "s")
+    result = {"returncode": 0, "stdout": stdout, "stderr": "", "wall_s": 1.0, "files": {}}
+    assert sweep.make_record(tmp_path, run, result)["measures_threshold"] is measures
+
+
+def test_records_from_an_older_ledger_measure_the_threshold_when_a_run_of_their_script_reached_it(tmp_path):
+    lines = [{"key": "a", "script": "dqfd.py", "episodes_to_threshold": 23},
+             {"key": "b", "script": "dqfd.py", "episodes_to_threshold": None},
+             {"key": "c", "script": "dqn.py", "episodes_to_threshold": None}]
+    (tmp_path / sweep.LEDGER).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    ledger = sweep.read_ledger(tmp_path)
+    assert [ledger[key]["measures_threshold"] for key in "abc"] == [True, True, False]
 
 
 # --- the command, as a user runs it ---------------------------------------------------------------
