@@ -18,6 +18,7 @@ import fnmatch
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -266,6 +267,9 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     out = args.out.resolve()
     os.chdir(ROOT)  # the cells' paths (scripts, demo files) are relative to the repo root
+    made_by = "python -m benchmark.bench"
+    signal.signal(signal.SIGINT, sweep.stop_like_ctrl_c)
+    signal.signal(signal.SIGTERM, sweep.stop_like_ctrl_c)
     try:
         if args.workers is not None and args.workers < 1:
             raise sweep.GridError(f"--workers must be at least 1, got {args.workers}.")
@@ -277,17 +281,21 @@ def main(argv: Optional[list] = None) -> int:
             raise sweep.GridError(f"--out {args.out} is a file, not a folder.")
         cells = select_cells(args.cells)
         runs = make_runs(cells, args.seeds, parse_overrides(args.set))
+        sweep.check_out(out, made_by)
         if args.backend == "ray":
             sweep.import_ray(args.ray_address)
+        command = "python -m benchmark.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+        rates = {}
+        for env in dict.fromkeys(run.group for run in runs):
+            rates[env] = raw_env_rate(env)
+            print(f"raw {env} step rate (random actions, one process): {rates[env]:,.0f} steps/s", flush=True)
     except sweep.GridError as e:
         sweep.fail(str(e))
-    command = "python -m benchmark.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    rates = {}
-    for env in dict.fromkeys(run.group for run in runs):
-        rates[env] = raw_env_rate(env)
-        print(f"raw {env} step rate (random actions, one process): {rates[env]:,.0f} steps/s", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted before any run started.", flush=True)
+        return 130
     start = time.time()
-    records, _, interrupted = sweep.execute(runs, out, args.backend, args.workers, args.ray_address)
+    records, _, interrupted = sweep.execute(runs, out, made_by, args.backend, args.workers, args.ray_address)
     workers = args.workers or (os.cpu_count() if args.backend == "local" else None)
     workers_line = (f"Backend: {args.backend}" + (f", {workers} runs at once" if workers else "")
                     + f"; this invocation took {time.time() - start:.0f} s.")

@@ -4,12 +4,17 @@
    tree, importance weights, gathering the transitions) and to update their 128 priorities.
 2. Training steps per second of per_dqn.py and double_dqn.py with the same flags, run alternately
    in one session so both see the same machine load; prints each run, the medians and their ratio.
+   Each run is measured twice: the steps/s it prints (wall time of its training loop) and the CPU
+   time of its process, less that of a start-up run (--total-timesteps 1001: imports, 1000 random
+   steps, one evaluation episode), per training step. On a machine busy with other work the wall
+   time swings with the load; the CPU time much less, so its ratio is the steadier one.
 
 Run from the repo root:  python benchmark/per_speed.py [--runs 3] [--total-timesteps 10000]
 """
 
 import argparse
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,14 +47,21 @@ def time_tree(capacity: int, batch_size: int, repeats: int, seed: int = 0) -> tu
     return float(np.median(sample_times)), float(np.median(update_times))
 
 
-def steps_per_second(script: str, flags: list, seed: int) -> int:
-    """Run SCRIPT in a scratch folder and read the training steps/s from its summary line."""
+def child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_script(script: str, flags: list, seed: int) -> tuple:
+    """Run SCRIPT in a scratch folder: (the training steps/s of its summary line, its process's CPU seconds)."""
+    cpu_before = child_cpu_seconds()
     with tempfile.TemporaryDirectory() as scratch:
         result = subprocess.run([sys.executable, str(ROOT / script), "--seed", str(seed), *flags],
                                 cwd=scratch, capture_output=True, text=True)
+    cpu_seconds = child_cpu_seconds() - cpu_before
     if result.returncode != 0:
         sys.exit(f"error: {script} failed: {result.stderr.strip().splitlines()[-1:]}")
-    return int(re.search(r"\((\d+) steps/s in training\)", result.stdout).group(1))
+    return int(re.search(r"\((\d+) steps/s in training\)", result.stdout).group(1)), cpu_seconds
 
 
 if __name__ == "__main__":
@@ -68,12 +80,20 @@ if __name__ == "__main__":
     if cli.skip_training:
         sys.exit(0)
 
-    flags = ["--total-timesteps", str(cli.total_timesteps), "--eval-episodes", "1"]
-    speeds = {"double_dqn.py": [], "per_dqn.py": []}
+    flags = ["--total-timesteps", str(cli.total_timesteps), "--learning-starts", "1000", "--eval-episodes", "1"]
+    scripts = ["double_dqn.py", "per_dqn.py"]
+    startup_cpu = {script: run_script(script, ["--total-timesteps", "1001", *flags[2:]], 1)[1] for script in scripts}
+    speeds, cpu_us = {script: [] for script in scripts}, {script: [] for script in scripts}
     for seed in range(1, cli.runs + 1):
-        for script in speeds:  # alternate, so slow spells of a shared machine hit both scripts
-            speeds[script].append(steps_per_second(script, flags, seed))
-            print(f"{script:14s} seed {seed}: {speeds[script][-1]} steps/s", flush=True)
-    medians = {script: float(np.median(values)) for script, values in speeds.items()}
-    print(f"median steps/s over {cli.runs} seeds ({' '.join(flags)}): double_dqn.py {medians['double_dqn.py']:.0f}, "
-          f"per_dqn.py {medians['per_dqn.py']:.0f}, ratio per/double {medians['per_dqn.py'] / medians['double_dqn.py']:.2f}")
+        for script in scripts:  # alternate, so slow spells of a shared machine hit both scripts
+            wall_rate, cpu_seconds = run_script(script, flags, seed)
+            speeds[script].append(wall_rate)
+            cpu_us[script].append((cpu_seconds - startup_cpu[script]) / (cli.total_timesteps - 1001) * 1e6)
+            print(f"{script:14s} seed {seed}: {wall_rate} steps/s, {cpu_us[script][-1]:.0f} us of CPU per training step",
+                  flush=True)
+    wall = {script: float(np.median(values)) for script, values in speeds.items()}
+    cpu = {script: float(np.median(values)) for script, values in cpu_us.items()}
+    print(f"medians over {cli.runs} seeds ({' '.join(flags)}): double_dqn.py {wall['double_dqn.py']:.0f} steps/s, "
+          f"{cpu['double_dqn.py']:.0f} us CPU/step; per_dqn.py {wall['per_dqn.py']:.0f} steps/s, {cpu['per_dqn.py']:.0f} us "
+          f"CPU/step; speed ratio per/double: {wall['per_dqn.py'] / wall['double_dqn.py']:.2f} by steps/s, "
+          f"{cpu['double_dqn.py'] / cpu['per_dqn.py']:.2f} by CPU time")

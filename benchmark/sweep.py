@@ -5,11 +5,13 @@
 A grid entry with one value is a fixed flag, one with several is swept; the runs are the cross product
 of the values times the seeds. Each run is the script itself, started as a user starts it
 (`python dqfd.py --n-step 1 --lambda-e 0 --seed 3`) in a fresh temporary folder on its worker: the
-script's source and the input files its flags name travel with the run, and the run's TensorBoard
-files and summary numbers come back as its result, so no shared filesystem is needed. The driver
-writes every run under OUT/runs/ as a local run would, then OUT/results.csv (one row per run),
+script's source and the input files its flags name (INPUT_FILE_FLAGS: --demo-path, --load-model)
+travel with the run, and the run's TensorBoard files and summary numbers come back as its result, so
+no shared filesystem is needed; a flag that writes a file elsewhere (--save-demos) is refused. The
+driver writes every run under OUT/runs/ as a local run would, then OUT/results.csv (one row per run),
 OUT/summary.md (median and interquartile range over seeds per setting, ranked) and OUT/curves.png.
-Re-running the same command skips every run that already finished, so an interrupted sweep resumes.
+Re-running the same command skips every run that already finished, so an interrupted sweep (Ctrl-C or
+SIGTERM) resumes; OUT belongs to the sweeps of one script, and another script's sweep is refused there.
 
 Backends: `local` (a pool of processes on this machine) and `ray` (one Ray task per run asking for
 one CPU, re-run elsewhere by Ray when its worker or node dies). Ray tasks rather than Ray Tune: a run
@@ -32,6 +34,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -45,6 +48,11 @@ import numpy as np
 OK, FAILED, LOST = "ok", "failed", "lost"  # LOST: the backend could not finish it; a resume re-runs it
 LEDGER = "finished.jsonl"  # one JSON line per finished run: what resume reads and the tables are made from
 MAX_RETRIES = 3  # Ray re-runs a task whose worker or node died this many times
+# Flags that name a file the run reads: the file travels with the run. Any other flag is passed as written.
+INPUT_FILE_FLAGS = ["demo-path", "load-model"]
+# Flags that name a file the run writes outside runs/: a sweep refuses them, as nothing would bring the file back
+# and every run of the grid would write the same path.
+OUTPUT_FILE_FLAGS = ["save-demos"]
 
 
 class GridError(Exception):
@@ -192,20 +200,20 @@ def parse_script_args(module, script_name: str, argv: list):
     return args
 
 
-def input_files(args, argv: list) -> dict:
-    """{path on the worker: path here} for every file a flag (or a default) of `args` names; the worker
-    finds it at the same relative path, or, for an absolute path or one going up, under inputs/ (the
-    flag is rewritten to match)."""
+def input_files(args, script_name: str) -> dict:
+    """{flag: (path on the worker, path here)} for each flag of INPUT_FILE_FLAGS that `args` sets (or
+    defaults) to a file. The worker finds it at the same relative path, or, for an absolute path or one
+    going up, under inputs/NAME/ (the flag is then rewritten to match)."""
     inputs = {}
-    for value in vars(args).values():
-        if isinstance(value, (str, os.PathLike)) and str(value) and os.path.isfile(value):
-            path = Path(value)
-            if path.is_absolute() or ".." in path.parts:
-                worker_path = f"inputs/{len(inputs)}/{path.name}"
-                argv[:] = [worker_path if token == str(value) else token for token in argv]
-            else:
-                worker_path = path.as_posix()
-            inputs[worker_path] = str(path.resolve())
+    for name in INPUT_FILE_FLAGS:
+        value = getattr(args, name.replace("-", "_"), None)
+        if value is None or str(value) == "":
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise GridError(f"--{name} {value} of {script_name} names no regular file here, so it cannot travel with the runs.")
+        worker_path = f"inputs/{name}/{path.name}" if path.is_absolute() or ".." in path.parts else path.as_posix()
+        inputs[name] = (worker_path, str(path.resolve()))
     return inputs
 
 
@@ -231,10 +239,16 @@ def prepare(run: Run, exp_name: Optional[str] = None) -> Run:
     flags = dict(run.flags)
     if exp_name and "exp-name" not in flags:
         flags["exp-name"] = _exp_name(exp_name)
-    argv = flag_argv(module, name, flags) + ["--seed", str(run.seed)]
-    args = parse_script_args(module, name, argv)
-    run.inputs = input_files(args, argv)
-    run.argv = argv
+    args = parse_script_args(module, name, flag_argv(module, name, flags) + ["--seed", str(run.seed)])
+    for output in OUTPUT_FILE_FLAGS:
+        if getattr(args, output.replace("-", "_"), None) not in (None, ""):
+            raise GridError(f"a sweep cannot --{output}: every run would write the same file, on its worker "
+                            "where nothing brings it back; record it with one run of the script.")
+    inputs = input_files(args, name)
+    for flag, (worker_path, _) in inputs.items():
+        flags[flag] = worker_path  # the path the worker finds it at
+    run.inputs = {worker_path: source for worker_path, source in inputs.values()}
+    run.argv = flag_argv(module, name, flags) + ["--seed", str(run.seed)]
     values = {key: repr(getattr(args, key.replace("-", "_"))) for key in run.flags if key != "exp-name"}
     run.key = run_key(run.script.read_bytes(), values, run.seed, run.inputs)
     if not run.group:
@@ -281,7 +295,17 @@ def execute_run(task: dict, started: Optional[Callable] = None) -> dict:
         )
         if started is not None:
             started(process)
-        stdout, stderr = process.communicate()
+        try:
+            while True:  # wake every second: Ray cancels a task by a KeyboardInterrupt raised between two waits
+                try:
+                    stdout, stderr = process.communicate(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        except BaseException:  # a cancelled task stops its run, and the with-block deletes its folder
+            kill_run(process)
+            process.wait()
+            raise
         wall_s = time.time() - start
         files = {}
         for top in ("runs", "videos"):
@@ -303,6 +327,22 @@ def make_task(run: Run, die_with_parent: bool) -> dict:
 # Backends: each calls on_result(run, result) in the driver as runs finish
 
 
+def kill_run(process) -> None:
+    """Kill a run's script and anything it started (it leads its own process group: start_new_session)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # it has already ended
+        pass
+
+
+def stop_like_ctrl_c(signum=None, frame=None) -> None:
+    """Ctrl-C or SIGTERM: raise KeyboardInterrupt, so the sweep stops its runs, cleans their temporary
+    folders and keeps every finished run; a second signal is ignored while it does so."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def run_local(items: list, workers: int, on_result: Callable, progress: "Progress") -> None:
     """A pool of `workers` processes on this machine (threads that each wait on one script process)."""
     live, lock, stopping = set(), threading.Lock(), threading.Event()
@@ -315,7 +355,7 @@ def run_local(items: list, workers: int, on_result: Callable, progress: "Progres
             with lock:
                 live.add(process)
                 if stopping.is_set():
-                    process.kill()
+                    kill_run(process)
         try:
             return execute_run(task, started)
         finally:
@@ -343,7 +383,7 @@ def run_local(items: list, workers: int, on_result: Callable, progress: "Progres
             future.cancel()
         with lock:
             for process in live:
-                process.kill()
+                kill_run(process)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -378,6 +418,7 @@ def run_ray(items: list, address: Optional[str], workers: Optional[int], on_resu
     else:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         cap = workers  # None: as many runs in flight as the cluster has CPUs for
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)  # ray.init replaced it with a plain exit
     try:
         if execute_run.__module__ != "__main__":  # send execute_run by value: workers do not have this repo
             ray.cloudpickle.register_pickle_by_value(sys.modules[execute_run.__module__])
@@ -400,7 +441,10 @@ def run_ray(items: list, address: Optional[str], workers: Optional[int], on_resu
                 progress.running = len(pending)
                 progress.tick()
         except KeyboardInterrupt:
-            for ref in pending:
+            for ref in pending:  # a KeyboardInterrupt in each task: it kills its run and deletes its folder
+                ray.cancel(ref)
+            ray.wait(list(pending), num_returns=len(pending), timeout=30)
+            for ref in pending:  # a task that did not stop within 30 s: its worker is killed
                 ray.cancel(ref, force=True)
             raise
     finally:
@@ -413,6 +457,7 @@ def run_ray(items: list, address: Optional[str], workers: Optional[int], on_resu
 
 EVAL_LINE = re.compile(r"^eval: (\S+) ± (\S+)", re.M)
 SPS_LINE = re.compile(r"^wall time: .*\((\d+) steps/s", re.M)
+THRESHOLD_LINE = re.compile(r"^episodes to threshold: (\d+|not reached)", re.M)  # dqfd.py measures it
 
 
 def last_error_line(result: dict) -> str:
@@ -421,6 +466,13 @@ def last_error_line(result: dict) -> str:
         if lines:
             return lines[-1]
     return f"exit code {result.get('returncode')}"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def read_scalars(run_dir: Path, tags=None) -> dict:
@@ -469,7 +521,7 @@ def make_record(out: Path, run: Run, result: dict) -> dict:
     """Write a finished run's files and return its row: status, summary numbers, folder, error line."""
     record = {"key": run.key, "script": run.script.name, "flags": run.flags, "seed": run.seed,
               "setting": run.setting, "group": run.group, "status": LOST, "eval_mean": None,
-              "eval_std": None, "episodes_to_threshold": None, "wall_s": None, "sps": None,
+              "eval_std": None, "measures_threshold": False, "episodes_to_threshold": None, "wall_s": None, "sps": None,
               "run_dir": None, "error": "", "host": result.get("host", "")}
     if "lost" in result:
         record["error"] = result["lost"]
@@ -477,7 +529,9 @@ def make_record(out: Path, run: Run, result: dict) -> dict:
     record["status"] = OK if result["returncode"] == 0 else FAILED
     record["wall_s"] = round(result["wall_s"], 2)
     record["run_dir"] = write_files(out, result["files"])
-    if record["status"] == FAILED:
+    if result["returncode"] < 0:  # killed by a signal: its last output line is not why it ended
+        record["error"] = f"killed by signal {signal_name(-result['returncode'])}"
+    elif record["status"] == FAILED:
         record["error"] = last_error_line(result)
     match = EVAL_LINE.search(result["stdout"])
     if match:
@@ -485,10 +539,12 @@ def make_record(out: Path, run: Run, result: dict) -> dict:
     match = SPS_LINE.search(result["stdout"])
     if match:
         record["sps"] = int(match.group(1))
+    record["measures_threshold"] = THRESHOLD_LINE.search(result["stdout"]) is not None
     if record["run_dir"]:
         scalars = read_scalars(out / record["run_dir"], {"charts/episodes_to_threshold", "charts/SPS"})
         if "charts/episodes_to_threshold" in scalars:
             record["episodes_to_threshold"] = int(scalars["charts/episodes_to_threshold"][1][-1])
+            record["measures_threshold"] = True
         if record["sps"] is None and "charts/SPS" in scalars:
             record["sps"] = int(scalars["charts/SPS"][1][-1])
     return record
@@ -505,7 +561,22 @@ def read_ledger(out: Path) -> dict:
                 records[record["key"]] = record
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash
                 continue
+    # A record from before records said whether the run measures episodes to threshold: it does when
+    # another run of its script reached the threshold (only dqfd.py logs it, and only once reached).
+    reaching = {r.get("script") for r in records.values() if r.get("episodes_to_threshold") is not None}
+    for record in records.values():
+        record.setdefault("measures_threshold", record.get("script") in reaching)
     return records
+
+
+def check_out(out: Path, made_by: str) -> None:
+    """Refuse an --out whose runs another command made (another script's sweep, or the benchmark): this
+    command would replace its results.csv and summary.md. Runs recorded before runs named their command
+    are not checked."""
+    for record in read_ledger(out).values():
+        if record.get("made_by", made_by) != made_by:
+            raise GridError(f"--out {out} holds the runs of `{record['made_by']}`; give `{made_by}` a folder "
+                            "of its own, so that neither replaces the other's results.csv.")
 
 
 def append_ledger(out: Path, record: dict) -> None:
@@ -561,19 +632,20 @@ def fmt_quartiles(q: Optional[tuple], digits: int = 1) -> str:
 def summarize(records: list, settings: list) -> list:
     """Per setting (in `settings` order): runs ok out of finished, and (median, q25, q75) of each number.
 
-    A run of a script that logs episodes_to_threshold but never reached the threshold counts as
-    infinitely many episodes (so a median can read "not reached")."""
-    tracks_threshold = any(r["episodes_to_threshold"] is not None for r in records)
+    Episodes to threshold are over the runs that measure them: one that never reached the threshold
+    counts as infinitely many episodes (so a median can read "not reached"); a setting none of whose
+    runs measures them has None (shown as "–")."""
     rows = []
     for setting in settings:
         runs = [r for r in records if r["setting"] == setting]
         ok = [r for r in runs if r["status"] == OK]
-        episodes = [r["episodes_to_threshold"] if r["episodes_to_threshold"] is not None else math.inf for r in ok]
+        measured = [r for r in ok if r["measures_threshold"]]
+        episodes = [r["episodes_to_threshold"] if r["episodes_to_threshold"] is not None else math.inf for r in measured]
         rows.append({
-            "setting": setting, "finished": len(runs), "ok": len(ok),
+            "setting": setting, "finished": len(runs), "ok": len(ok), "measured": len(measured),
             "reached": sum(not math.isinf(e) for e in episodes),
             "eval_mean": quartiles([r["eval_mean"] for r in ok]),
-            "episodes_to_threshold": quartiles(episodes) if tracks_threshold else None,
+            "episodes_to_threshold": quartiles(episodes),
             "wall_s": quartiles([r["wall_s"] for r in ok]), "sps": quartiles([r["sps"] for r in ok]),
         })
     return rows
@@ -601,7 +673,8 @@ def summary_table(rows: list, first_column: str = "setting") -> list:
     for i, row in enumerate(rows, 1):
         line = f"| {i} | {row['setting']} | {row['ok']}/{row['finished']} | {fmt_quartiles(row['eval_mean'])} |"
         if with_threshold:
-            line += f" {fmt_quartiles(row['episodes_to_threshold'], 0)} | {row['reached']}/{row['ok']} |"
+            reached = f"{row['reached']}/{row['measured']}" if row["measured"] else "–"
+            line += f" {fmt_quartiles(row['episodes_to_threshold'], 0)} | {reached} |"
         line += f" {fmt_quartiles(row['wall_s'], 0)} | {fmt_quartiles(row['sps'], 0)} |"
         lines.append(line)
     return lines
@@ -683,6 +756,8 @@ class Progress:
             what = f"eval {record['eval_mean']} ± {record['eval_std']}" if record["eval_mean"] is not None else "ok"
             if record["episodes_to_threshold"] is not None:
                 what += f", threshold at episode {record['episodes_to_threshold']}"
+            elif record["measures_threshold"]:
+                what += ", threshold not reached"
         else:
             what = record["error"]
         line = (f"[{self.done:>{len(str(self.total))}}/{self.total}] {record['status']:<6} {record['script']} "
@@ -696,11 +771,12 @@ class Progress:
         self.stream.flush()
 
 
-def execute(runs: list, out: Path, backend: str = "local", workers: Optional[int] = None,
+def execute(runs: list, out: Path, made_by: str, backend: str = "local", workers: Optional[int] = None,
             ray_address: Optional[str] = None) -> tuple:
-    """Run every run not yet finished in `out` and record each as it finishes.
+    """Run every run not yet finished in `out` and record each as it finishes, as made by the command
+    `made_by` (check_out refuses another command's --out).
 
-    Returns (records of `runs` in order, finished before this call, interrupted by Ctrl-C)."""
+    Returns (records of `runs` in order, finished before this call, interrupted by Ctrl-C or SIGTERM)."""
     out.mkdir(parents=True, exist_ok=True)
     finished = read_ledger(out)
     todo = [run for run in runs if run.key not in finished or finished[run.key]["status"] == LOST]
@@ -711,7 +787,7 @@ def execute(runs: list, out: Path, backend: str = "local", workers: Optional[int
           flush=True)
 
     def on_result(run: Run, result: dict) -> None:
-        record = make_record(out, run, result)
+        record = {**make_record(out, run, result), "made_by": made_by}
         append_ledger(out, record)
         finished[run.key] = record
         progress.finished(record)
@@ -785,6 +861,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="runs at once (local default: the number of cores; ray: the CPUs of the instance it starts, or a cap on a joined cluster)")
     args = parser.parse_args(argv)
+    made_by = f"python -m benchmark.sweep {args.script.name}"
+    signal.signal(signal.SIGINT, stop_like_ctrl_c)
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     try:
         if args.workers is not None and args.workers < 1:
             raise GridError(f"--workers must be at least 1, got {args.workers}.")
@@ -803,12 +882,16 @@ def main(argv: Optional[list] = None) -> int:
             exp_name = f"{stem}__" + ",".join(f"{name}={flags[name]}" for name in swept) if swept else None
             for seed in args.seeds:
                 runs.append(prepare(Run(args.script, flags, seed, label), exp_name))
+        check_out(args.out, made_by)
         if args.backend == "ray":
             import_ray(args.ray_address)
     except GridError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted before any run started.", flush=True)
+        return 130
     command = "python -m benchmark.sweep " + shlex.join(sys.argv[1:] if argv is None else argv)
-    records, _, interrupted = execute(runs, args.out, args.backend, args.workers, args.ray_address)
+    records, _, interrupted = execute(runs, args.out, made_by, args.backend, args.workers, args.ray_address)
     write_sweep_outputs(args.out, runs, records, grid, swept, command)
     bad = sum(record["status"] != OK for record in records)
     if interrupted:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from benchmark import bench
+from benchmark import bench, sweep
 from helpers import ROOT, assert_one_line_error, read_scalars
 
 
@@ -45,6 +45,32 @@ def test_tiny_grid_our_script_beside_the_sb3_peer_gives_the_table_and_plots(tmp_
     assert "| CartPole-v1 | raw environment, random actions |" in summary
     for plot in ["curves_CartPole-v1_steps.png", "curves_CartPole-v1_wall.png"]:
         assert (out / plot).read_bytes()[:4] == b"\x89PNG" and plot in summary
+
+
+def test_the_summary_shows_a_dash_where_a_cell_never_measures_episodes_to_threshold(tmp_path):
+    cells = [cell for cell in bench.CELLS if cell.name in ("dqn/CartPole-v1", "dqfd/CartPole-v1")]
+    runs, records = [], []
+    for cell, seed, episodes in [(cells[0], 1, None), (cells[0], 2, None),  # dqn.py never measures it
+                                 (cells[1], 1, 20), (cells[1], 2, 30), (cells[1], 3, None)]:  # dqfd.py: seed 3 never reached it
+        runs.append(sweep.Run(ROOT / cell.script, dict(cell.flags), seed, cell.name, group="CartPole-v1"))
+        records.append({"key": f"{cell.name}{seed}", "script": cell.script, "flags": cell.flags, "seed": seed,
+                        "setting": cell.name, "group": "CartPole-v1", "status": "ok", "eval_mean": 500.0,
+                        "eval_std": 0.0, "measures_threshold": cell.script == "dqfd.py", "episodes_to_threshold": episodes,
+                        "wall_s": 10.0, "sps": 100, "run_dir": None, "error": ""})
+    bench.write_bench_outputs(tmp_path, runs, records, cells, {"CartPole-v1": 1000.0}, "the command", "workers")
+    summary = (tmp_path / "summary.md").read_text().splitlines()
+    # dqfd: 20, 30, inf at positions 0..2: median 30; 25th at 0.5 -> 20 + 0.5 * 10 = 25; 75th at 1.5,
+    # between 30 and inf -> inf ("not reached"). dqn: never measured, "–".
+    table = summary[summary.index("## CartPole-v1") + 2:][:4]
+    assert table == [
+        "| cell | script | steps | runs ok | eval, median [IQR] | episodes to threshold, median [IQR] "
+        "| steps/s, median [IQR] | wall s, median [IQR] |",
+        "|---|---|---|---|---|---|---|---|",
+        "| dqn/CartPole-v1 | `dqn.py` | 50000 | 2/2 | 500.0 [500.0, 500.0] | – | 100 [100, 100] | 10 [10, 10] |",
+        "| dqfd/CartPole-v1 | `dqfd.py` | default | 3/3 | 500.0 [500.0, 500.0] | 30 [25, not reached] "
+        "| 100 [100, 100] | 10 [10, 10] |",
+    ]
+    assert "| 3 | not within 250 | 10 |" in summary  # the course's protocol, seed 3
 
 
 def test_an_unknown_cell_ends_with_one_sentence(tmp_path):

@@ -1,7 +1,9 @@
 """benchmark/sweep.py: grids of flags times seeds, locally and on a Ray cluster that loses a node."""
 
 import csv
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,7 +83,7 @@ def test_learning_curves_average_every_seed_up_to_the_right_edge(tmp_path):
 def test_summary_ranks_settings_and_counts_unreached_thresholds():
     def record(setting, seed, episodes, status="ok"):
         return {"setting": setting, "seed": seed, "status": status, "eval_mean": 500.0, "sps": 100,
-                "wall_s": 10.0, "episodes_to_threshold": episodes}
+                "wall_s": 10.0, "measures_threshold": True, "episodes_to_threshold": episodes}
     records = [record("slow", 1, 60), record("slow", 2, 80), record("slow", 3, 70),
                record("fast", 1, 30), record("fast", 2, None), record("fast", 3, 20),  # seed 2: never reached
                record("steady", 1, 30), record("steady", 2, 30), record("steady", 3, 30),
@@ -100,7 +102,7 @@ def test_summary_ranks_settings_and_counts_unreached_thresholds():
 def test_settings_without_a_threshold_rank_by_return_then_by_the_lower_quartile():
     def record(setting, eval_mean):
         return {"setting": setting, "seed": 1, "status": "ok", "eval_mean": eval_mean, "sps": 100, "wall_s": 10.0,
-                "episodes_to_threshold": None}
+                "measures_threshold": False, "episodes_to_threshold": None}
     records = [record("shaky", 500.0), record("shaky", 500.0), record("shaky", 100.0),  # median 500, q25 300
                record("solid", 500.0), record("solid", 500.0), record("solid", 500.0),  # median 500, q25 500
                record("weak", 300.0), record("weak", 300.0), record("weak", 300.0)]
@@ -108,6 +110,52 @@ def test_settings_without_a_threshold_rank_by_return_then_by_the_lower_quartile(
     assert "return" in ranked_by
     assert [row["setting"] for row in rows] == ["solid", "shaky", "weak"]
     assert rows[1]["eval_mean"] == pytest.approx((500.0, 300.0, 500.0))
+
+
+def test_the_table_shows_a_dash_for_a_metric_never_measured_and_not_reached_for_one_never_reached():
+    def record(setting, episodes, measures=True):
+        return {"setting": setting, "status": "ok", "eval_mean": 500.0, "sps": 100, "wall_s": 10.0,
+                "measures_threshold": measures, "episodes_to_threshold": episodes}
+    records = [record("n-step=1", 20), record("n-step=1", 30), record("n-step=1", None),  # never reached
+               record("n-step=10", 40), record("n-step=10", 60),
+               record("n-step=100", None), record("n-step=100", None),
+               record("no-threshold", None, measures=False), record("no-threshold", None, measures=False)]
+    rows, _ = sweep.rank(sweep.summarize(records, ["n-step=100", "no-threshold", "n-step=10", "n-step=1"]))
+    # n-step=1: 20, 30, inf at positions 0..2: median 30; 25th at 0.5 -> 20 + 0.5 * 10 = 25; 75th at 1.5,
+    # between 30 and inf -> inf. n-step=10: 40, 60: median at 0.5 -> 50; 25th at 0.25 -> 45; 75th -> 55.
+    # n-step=100: inf, inf. no-threshold: no run measures it. Ranked by (median, 75th): 30, 50, then the
+    # two at (inf, inf) in the order given.
+    assert sweep.summary_table(rows) == [
+        "| rank | setting | runs ok | eval return, median [IQR] | episodes to threshold, median [IQR] | reached "
+        "| wall s, median [IQR] | steps/s, median [IQR] |",
+        "|---|---|---|---|---|---|---|---|",
+        "| 1 | n-step=1 | 3/3 | 500.0 [500.0, 500.0] | 30 [25, not reached] | 2/3 | 10 [10, 10] | 100 [100, 100] |",
+        "| 2 | n-step=10 | 2/2 | 500.0 [500.0, 500.0] | 50 [45, 55] | 2/2 | 10 [10, 10] | 100 [100, 100] |",
+        "| 3 | n-step=100 | 2/2 | 500.0 [500.0, 500.0] | not reached [not reached, not reached] | 0/2 | 10 [10, 10] "
+        "| 100 [100, 100] |",
+        "| 4 | no-threshold | 2/2 | 500.0 [500.0, 500.0] | – | – | 10 [10, 10] | 100 [100, 100] |",
+    ]
+
+
+@pytest.mark.parametrize("stdout, measures", [
+    ("episodes to threshold: 23 (the mean of episodes 4-23 reached 475)\n", True),
+    ("episodes to threshold: not reached in 41 episodes (the mean of 20 episode returns never reached 475)\n", True),
+    ("episodes to threshold: MountainCarContinuous-v0 has no reward threshold\n", False),
+    ("eval: 500.0 ± 0.0 over 10 greedy episodes\n", False),  # a script that never measures it
+])
+def test_a_run_measures_episodes_to_threshold_when_it_prints_a_number_or_not_reached(tmp_path, stdout, measures):
+    run = sweep.Run(ROOT / "dqfd.py", {}, 1, "s")
+    result = {"returncode": 0, "stdout": stdout, "stderr": "", "wall_s": 1.0, "files": {}}
+    assert sweep.make_record(tmp_path, run, result)["measures_threshold"] is measures
+
+
+def test_records_from_an_older_ledger_measure_the_threshold_when_a_run_of_their_script_reached_it(tmp_path):
+    lines = [{"key": "a", "script": "dqfd.py", "episodes_to_threshold": 23},
+             {"key": "b", "script": "dqfd.py", "episodes_to_threshold": None},
+             {"key": "c", "script": "dqn.py", "episodes_to_threshold": None}]
+    (tmp_path / sweep.LEDGER).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    ledger = sweep.read_ledger(tmp_path)
+    assert [ledger[key]["measures_threshold"] for key in "abc"] == [True, True, False]
 
 
 # --- the command, as a user runs it ---------------------------------------------------------------
@@ -168,6 +216,138 @@ def test_a_bad_grid_ends_with_one_sentence_before_any_run(tmp_path, grid, words)
     result = run_sweep("dqn.py", *(["--grid", *grid] if grid else []), "--seeds", "1", "--out", str(out))
     assert_one_line_error(result, *words)
     assert not out.exists()
+
+
+# --- the runner's edges: signals, files that flags name, a shared --out --------------------------
+
+# A script a sweep can run, fast: it sleeps --seconds (and then first writes its pid and working folder
+# to --report); --die makes it print a warning and kill itself with SIGKILL.
+FAKE_SCRIPT = '''
+import dataclasses, json, os, signal, sys, time
+import tyro
+
+@dataclasses.dataclass
+class Args:
+    seed: int = 1
+    """the seed"""
+    seconds: float = 0.0
+    """how long the run sleeps"""
+    report: str = ""
+    """a file to write the run's pid and working folder to"""
+    die: bool = False
+    """print a warning, then kill itself with SIGKILL"""
+    exp_name: str = "fake"
+    """the run's name"""
+
+def check_args(args):
+    return None
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.seconds and args.report:
+        with open(args.report + ".partial", "w") as file:
+            json.dump({"pid": os.getpid(), "cwd": os.getcwd()}, file)
+        os.replace(args.report + ".partial", args.report)
+    if args.die:
+        print("UserWarning: a warning that is not why the run ended", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(args.seconds)
+    print("eval: 1.0 ± 0.0 over 1 greedy episodes")
+'''
+
+
+@pytest.fixture
+def fake_script(tmp_path):
+    path = tmp_path / "fake.py"
+    path.write_text(FAKE_SCRIPT)
+    return path
+
+
+@pytest.mark.parametrize("backend, stop", [("local", signal.SIGTERM), ("local", signal.SIGINT), ("ray", signal.SIGTERM)])
+def test_sigterm_stops_like_ctrl_c_keeping_finished_runs_and_no_temporary_folder(tmp_path, fake_script, request,
+                                                                                   backend, stop):
+    out, report = tmp_path / "sweep", tmp_path / "report.json"
+    ray_flags = ["--backend", "ray", "--ray-address", request.getfixturevalue("ray_cluster").address] if backend == "ray" else []
+    # One worker: seconds=0 finishes first, then seconds=120 starts and is stopped while it sleeps.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmark.sweep", str(fake_script), "--grid", "seconds=0,120", f"report={report}",
+         "--seeds", "1", "--out", str(out), "--workers", "1", *ray_flags],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (report.exists() and (out / sweep.LEDGER).exists()):
+            assert process.poll() is None and time.time() < deadline, process.communicate()
+            time.sleep(0.1)
+        run = json.loads(report.read_text())
+        assert Path(run["cwd"]).is_dir() and Path(f"/proc/{run['pid']}").exists()  # the second run is sleeping
+        process.send_signal(stop)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stdout + stderr
+    assert stderr == "", stderr
+    assert stdout.strip().splitlines()[-1] == (f"interrupted: 1 of 2 runs finished and kept in {out}; "
+                                               "the same command resumes.")
+    assert not Path(f"/proc/{run['pid']}").exists()  # the stopped run is not left running
+    assert not Path(run["cwd"]).exists()  # nor its temporary folder
+    rows = read_rows(out)
+    assert [(row["seconds"], row["status"]) for row in rows] == [("0", "ok")]
+    assert len((out / sweep.LEDGER).read_text().splitlines()) == 1
+
+
+def test_a_run_killed_by_a_signal_shows_the_signal_not_its_last_warning(tmp_path, fake_script):
+    out = tmp_path / "sweep"
+    result = run_sweep(str(fake_script), "--grid", "die=true", "--seeds", "1", "--out", str(out))
+    assert result.returncode == 1, result.stdout + result.stderr
+    [row] = read_rows(out)
+    assert row["status"] == "failed" and row["error"] == "killed by signal SIGKILL", row
+    assert "killed by signal SIGKILL" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["dqn.py", "dqfd.py"])
+def test_a_grid_that_would_save_demonstrations_is_refused_before_any_run(tmp_path, script):
+    out = tmp_path / "sweep"
+    result = run_sweep(script, "--grid", "save-demos=demos.npy", *TINY, "--seeds", "1", "--out", str(out))
+    assert_one_line_error(result, "--save-demos", "one run of the script")
+    assert not out.exists() and not (ROOT / "demos.npy").exists()
+
+
+def test_only_input_file_flags_travel_and_a_value_naming_a_file_stays_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-run").write_text("a file whose name is also the run's name")
+    demos = tmp_path / "elsewhere" / "demos.npy"
+    demos.parent.mkdir()
+    demos.write_bytes((ROOT / "demo_traj_2.npy").read_bytes())
+    # --exp-name is a string flag that names a file here: it is passed as written, nothing travels
+    run = sweep.prepare(sweep.Run(ROOT / "dqn.py", {"exp-name": "my-run", **dict(f.split("=") for f in TINY)}, 1, "s"))
+    assert run.argv[:2] == ["--exp-name", "my-run"] and run.inputs == {}
+    # --demo-path names an input file: it travels to inputs/demo-path/ on the worker, and the flag follows it
+    run = sweep.prepare(sweep.Run(ROOT / "dqfd.py", {"demo-path": str(demos), "exp-name": str(demos.name)}, 1, "s"))
+    assert run.argv[:4] == ["--demo-path", "inputs/demo-path/demos.npy", "--exp-name", "demos.npy"]
+    assert run.inputs == {"inputs/demo-path/demos.npy": str(demos)}
+    # a relative path travels to the same relative path
+    run = sweep.prepare(sweep.Run(ROOT / "dqfd.py", {"demo-path": "elsewhere/demos.npy"}, 1, "s"))
+    assert run.argv[:2] == ["--demo-path", "elsewhere/demos.npy"] and run.inputs == {"elsewhere/demos.npy": str(demos)}
+
+
+def test_an_out_holding_another_script_s_sweep_is_refused_and_its_results_kept(tmp_path, fake_script):
+    out = tmp_path / "sweep"
+    first = run_sweep(str(fake_script), "--grid", "seconds=0", "--seeds", "1", "--out", str(out))
+    assert first.returncode == 0, first.stdout + first.stderr
+    results, ledger = (out / "results.csv").read_text(), (out / sweep.LEDGER).read_text()
+    other = tmp_path / "other.py"
+    other.write_text(FAKE_SCRIPT)
+    second = run_sweep(str(other), "--grid", "seconds=0", "--seeds", "1", "--out", str(out))
+    assert_one_line_error(second, "python -m benchmark.sweep fake.py", "a folder of its own")
+    assert (out / "results.csv").read_text() == results and (out / sweep.LEDGER).read_text() == ledger
+    bench_run = subprocess.run([sys.executable, "-m", "benchmark.bench", "--cells", "dqn/CartPole-v1", "--out", str(out)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(bench_run, "python -m benchmark.sweep fake.py")
+    assert (out / "results.csv").read_text() == results
+    # the same script again resumes in its own folder
+    again = run_sweep(str(fake_script), "--grid", "seconds=0", "--seeds", "1", "--out", str(out))
+    assert again.returncode == 0 and "1 already finished" in again.stdout, again.stdout + again.stderr
 
 
 # --- the Ray backend on a two-node cluster on this machine, one node removed mid-sweep -----------
