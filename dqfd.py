@@ -106,6 +106,8 @@ class Args:
     """environment steps between gradient steps"""
     hidden_size: int = 128
     """units in each of the network's two hidden layers"""
+    huber_delta: float = 1.0
+    """TD errors beyond this count linearly in the Huber loss (Mnih et al. 2015 clip the error term to [-1, 1]: 1)"""
     max_grad_norm: float = 0.0
     """clip the gradient's global norm to this before each step (0: no clipping, as in the paper)"""
     anneal_lr: bool = False
@@ -216,6 +218,8 @@ def check_args(args: Args) -> Optional[str]:
         return f"--batch-size ({args.batch_size}) cannot exceed --buffer-size ({args.buffer_size})."
     if not args.max_grad_norm >= 0:
         return f"--max-grad-norm must be at least 0, got {args.max_grad_norm}."
+    if not args.huber_delta > 0:
+        return f"--huber-delta must be positive, got {args.huber_delta}."
     if args.save_demos is not None and os.path.exists(args.save_demos):
         return f"--save-demos {args.save_demos} already exists; choose a new path, it is never overwritten."
     if args.alpha < 0:
@@ -488,15 +492,17 @@ def margin_loss(q_values: torch.Tensor, demo_actions: torch.Tensor, margin: floa
 
 
 def dqfd_losses(q_values: torch.Tensor, actions: torch.Tensor, target: torch.Tensor, n_step_target: Optional[torch.Tensor],
-                is_demo: torch.Tensor, weights: torch.Tensor, lambda_n: float, lambda_e: float, margin: float) -> dict:
+                is_demo: torch.Tensor, weights: torch.Tensor, lambda_n: float, lambda_e: float, margin: float,
+                huber_delta: float = 1.0) -> dict:
     """The sample terms of J = J_DQ + lambda1 J_n + lambda2 J_E (Hester et al. 2018), each a batch mean of
     importance-weighted terms (Schaul et al. 2016, Algorithm 1, line 13). J_E counts on demonstrations only;
     a lambda of 0 leaves its term out entirely."""
     q_taken = q_values.gather(1, actions.unsqueeze(1)).squeeze(1)
-    # Huber loss: the paper clips the error term to [-1, 1] (Mnih et al. 2015, Methods)
-    losses = {"td_loss": (weights * F.smooth_l1_loss(q_taken, target, reduction="none")).mean()}
+    # Huber loss: the gradient of an error beyond delta is clipped (Mnih et al. 2015, Methods: delta 1)
+    losses = {"td_loss": (weights * F.huber_loss(q_taken, target, reduction="none", delta=huber_delta)).mean()}
     if lambda_n > 0:
-        losses["n_step_loss"] = lambda_n * (weights * F.smooth_l1_loss(q_taken, n_step_target, reduction="none")).mean()
+        losses["n_step_loss"] = lambda_n * (weights * F.huber_loss(q_taken, n_step_target, reduction="none",
+                                                                   delta=huber_delta)).mean()
     if lambda_e > 0:
         losses["margin_loss"] = lambda_e * (weights * is_demo * margin_loss(q_values, actions, margin)).mean()
     return losses
@@ -815,7 +821,7 @@ def train_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch
         target = td_target(rewards, next_q_online, next_q_target, terminations, args.gamma)
     q_values = q_network(observations)
     losses = dqfd_losses(q_values, actions, target, n_step_target, torch.as_tensor(is_demo, dtype=torch.float32, device=device),
-                         weights, args.lambda_n, args.lambda_e, args.margin)
+                         weights, args.lambda_n, args.lambda_e, args.margin, args.huber_delta)
     loss = losses["loss"] = sum(losses.values())
     if not torch.isfinite(loss):
         fail(f"the loss became {loss.item()} {where}; try a smaller --learning-rate.")

@@ -92,6 +92,8 @@ class Args:
     """environment steps between gradient steps"""
     hidden_size: int = 128
     """units in each of the network's two hidden layers"""
+    huber_delta: float = 1.0
+    """TD errors beyond this count linearly in the Huber loss (Mnih et al. 2015 clip the error term to [-1, 1]: 1)"""
     max_grad_norm: float = 0.0
     """clip the gradient's global norm to this before each step (0: no clipping, as in the paper)"""
     anneal_lr: bool = False
@@ -185,6 +187,8 @@ def check_args(args: Args) -> Optional[str]:
         return f"--batch-size ({args.batch_size}) cannot exceed --buffer-size ({args.buffer_size})."
     if not args.max_grad_norm >= 0:
         return f"--max-grad-norm must be at least 0, got {args.max_grad_norm}."
+    if not args.huber_delta > 0:
+        return f"--huber-delta must be positive, got {args.huber_delta}."
     if args.save_demos is not None and os.path.exists(args.save_demos):
         return f"--save-demos {args.save_demos} already exists; choose a new path, it is never overwritten."
     if args.alpha < 0:
@@ -740,9 +744,9 @@ if __name__ == "__main__":
                     target = td_target(rewards, q_network(next_observations), target_network(next_observations),
                                        terminations, args.gamma)
                 q_values = q_network(observations).gather(1, actions.unsqueeze(1)).squeeze(1)
-                # Huber loss: the paper clips the error term to [-1, 1] (Mnih et al. 2015, Methods),
+                # Huber loss: the gradient of an error beyond delta is clipped (Mnih et al. 2015, Methods: delta 1),
                 # each sample's term scaled by its importance weight w_j (Algorithm 1, line 13)
-                loss = (weights * F.smooth_l1_loss(q_values, target, reduction="none")).mean()
+                loss = (weights * F.huber_loss(q_values, target, reduction="none", delta=args.huber_delta)).mean()
                 if not torch.isfinite(loss):
                     fail(f"the loss became {loss.item()} at step {global_step}; try a smaller --learning-rate.")
                 optimizer.zero_grad()
