@@ -185,14 +185,14 @@ def write_bench_outputs(out: Path, runs: list, records: list, cells: list, rates
         settings = list(dict.fromkeys(run.setting for run in env_runs))
         rows = sweep.summarize([r for r in records if r["group"] == env], settings)
         with_threshold = any(row["episodes_to_threshold"] for row in rows)
-        lines += [f"## {env}", "", "| cell | script | steps | runs ok | eval, median [IQR] |"
+        lines += [f"## {env}", "", "| cell | script | steps | runs ok | eval, median [IQR] | solved |"
                   + (" episodes to threshold, median [IQR] |" if with_threshold else "")
                   + " steps/s, median [IQR] | wall s, median [IQR] |",
-                  "|---|---|---|---|---|" + ("---|" if with_threshold else "") + "---|---|"]
+                  "|---|---|---|---|---|---|" + ("---|" if with_threshold else "") + "---|---|"]
         for row in rows:
             cell = cell_by_name[row["setting"]]
             steps = next(run.flags.get("total-timesteps", "default") for run in env_runs if run.setting == cell.name)
-            line = f"| {cell.name} | `{cell.script}` | {steps} | {row['ok']}/{row['finished']} | {sweep.fmt_quartiles(row['eval_mean'])} |"
+            line = f"| {cell.name} | `{cell.script}` | {steps} | {row['ok']}/{row['finished']} | {sweep.fmt_quartiles(row['eval_mean'])} | {sweep.fmt_solved(row)} |"
             if with_threshold:
                 line += f" {sweep.fmt_quartiles(row['episodes_to_threshold'], 0)} |"
             lines.append(line + f" {sweep.fmt_quartiles(row['sps'], 0)} | {sweep.fmt_quartiles(row['wall_s'], 0)} |")

@@ -458,6 +458,18 @@ def run_ray(items: list, address: Optional[str], workers: Optional[int], on_resu
 EVAL_LINE = re.compile(r"^eval: (\S+) ± (\S+)", re.M)
 SPS_LINE = re.compile(r"^wall time: .*\((\d+) steps/s", re.M)
 THRESHOLD_LINE = re.compile(r"^episodes to threshold: (\d+|not reached)", re.M)  # dqfd.py measures it
+ENV_LINE = re.compile(r"^.*? on (\S+), seed -?\d+", re.M)  # the first line: "dqn on CartPole-v1, seed 1: ..."
+
+
+def solved_at(env_id: Optional[str]) -> Optional[float]:
+    """Gymnasium's reward_threshold of the environment (None when it has none or the id is unknown)."""
+    if not env_id:
+        return None
+    import gymnasium as gym
+    try:
+        return gym.spec(env_id).reward_threshold
+    except gym.error.Error:
+        return None
 
 
 def last_error_line(result: dict) -> str:
@@ -521,7 +533,7 @@ def make_record(out: Path, run: Run, result: dict) -> dict:
     """Write a finished run's files and return its row: status, summary numbers, folder, error line."""
     record = {"key": run.key, "script": run.script.name, "flags": run.flags, "seed": run.seed,
               "setting": run.setting, "group": run.group, "status": LOST, "eval_mean": None,
-              "eval_std": None, "measures_threshold": False, "episodes_to_threshold": None, "wall_s": None, "sps": None,
+              "eval_std": None, "env_id": None, "solved_at": None, "measures_threshold": False, "episodes_to_threshold": None, "wall_s": None, "sps": None,
               "run_dir": None, "error": "", "host": result.get("host", "")}
     if "lost" in result:
         record["error"] = result["lost"]
@@ -539,6 +551,10 @@ def make_record(out: Path, run: Run, result: dict) -> dict:
     match = SPS_LINE.search(result["stdout"])
     if match:
         record["sps"] = int(match.group(1))
+    match = ENV_LINE.search(result["stdout"])
+    if match:
+        record["env_id"] = match.group(1)
+        record["solved_at"] = solved_at(record["env_id"])
     record["measures_threshold"] = THRESHOLD_LINE.search(result["stdout"]) is not None
     if record["run_dir"]:
         scalars = read_scalars(out / record["run_dir"], {"charts/episodes_to_threshold", "charts/SPS"})
@@ -586,7 +602,7 @@ def append_ledger(out: Path, record: dict) -> None:
         os.fsync(ledger.fileno())
 
 
-RESULT_COLUMNS = ["seed", "status", "eval_mean", "eval_std", "episodes_to_threshold", "wall_s", "sps", "run_dir", "error"]
+RESULT_COLUMNS = ["seed", "status", "eval_mean", "eval_std", "env_id", "solved_at", "episodes_to_threshold", "wall_s", "sps", "run_dir", "error"]
 
 
 def write_results_csv(path: Path, records: list, flag_names: list, leading=("script",)) -> None:
@@ -629,8 +645,16 @@ def fmt_quartiles(q: Optional[tuple], digits: int = 1) -> str:
     return f"{_fmt(median, digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
 
 
+def fmt_solved(row: dict) -> str:
+    """'8/10': the runs that reached the environment's reward_threshold, of those judged; '–' for none judged."""
+    return f"{row['solved']}/{row['judged']}" if row["judged"] else "–"
+
+
 def summarize(records: list, settings: list) -> list:
     """Per setting (in `settings` order): runs ok out of finished, and (median, q25, q75) of each number.
+
+    Solved: the runs whose final evaluation reached gymnasium's reward_threshold of their environment,
+    out of the runs ok in an environment that has one (judged).
 
     Episodes to threshold are over the runs that measure them: one that never reached the threshold
     counts as infinitely many episodes (so a median can read "not reached"); a setting none of whose
@@ -641,8 +665,10 @@ def summarize(records: list, settings: list) -> list:
         ok = [r for r in runs if r["status"] == OK]
         measured = [r for r in ok if r["measures_threshold"]]
         episodes = [r["episodes_to_threshold"] if r["episodes_to_threshold"] is not None else math.inf for r in measured]
+        judged = [r for r in ok if r.get("solved_at") is not None and r["eval_mean"] is not None]
         rows.append({
             "setting": setting, "finished": len(runs), "ok": len(ok), "measured": len(measured),
+            "judged": len(judged), "solved": sum(r["eval_mean"] >= r["solved_at"] for r in judged),
             "reached": sum(not math.isinf(e) for e in episodes),
             "eval_mean": quartiles([r["eval_mean"] for r in ok]),
             "episodes_to_threshold": quartiles(episodes),
@@ -666,12 +692,12 @@ def rank(rows: list) -> tuple:
 def summary_table(rows: list, first_column: str = "setting") -> list:
     """The markdown table of summarize()'s rows, as lines."""
     with_threshold = any(row["episodes_to_threshold"] for row in rows)
-    header = f"| rank | {first_column} | runs ok | eval return, median [IQR] |"
+    header = f"| rank | {first_column} | runs ok | eval return, median [IQR] | solved |"
     header += " episodes to threshold, median [IQR] | reached |" if with_threshold else ""
     header += " wall s, median [IQR] | steps/s, median [IQR] |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for i, row in enumerate(rows, 1):
-        line = f"| {i} | {row['setting']} | {row['ok']}/{row['finished']} | {fmt_quartiles(row['eval_mean'])} |"
+        line = f"| {i} | {row['setting']} | {row['ok']}/{row['finished']} | {fmt_quartiles(row['eval_mean'])} | {fmt_solved(row)} |"
         if with_threshold:
             reached = f"{row['reached']}/{row['measured']}" if row["measured"] else "–"
             line += f" {fmt_quartiles(row['episodes_to_threshold'], 0)} | {reached} |"

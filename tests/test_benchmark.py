@@ -63,11 +63,11 @@ def test_the_summary_shows_a_dash_where_a_cell_never_measures_episodes_to_thresh
     # between 30 and inf -> inf ("not reached"). dqn: never measured, "–".
     table = summary[summary.index("## CartPole-v1") + 2:][:4]
     assert table == [
-        "| cell | script | steps | runs ok | eval, median [IQR] | episodes to threshold, median [IQR] "
+        "| cell | script | steps | runs ok | eval, median [IQR] | solved | episodes to threshold, median [IQR] "
         "| steps/s, median [IQR] | wall s, median [IQR] |",
-        "|---|---|---|---|---|---|---|---|",
-        "| dqn/CartPole-v1 | `dqn.py` | 50000 | 2/2 | 500.0 [500.0, 500.0] | – | 100 [100, 100] | 10 [10, 10] |",
-        "| dqfd/CartPole-v1 | `dqfd.py` | default | 3/3 | 500.0 [500.0, 500.0] | 30 [25, not reached] "
+        "|---|---|---|---|---|---|---|---|---|",
+        "| dqn/CartPole-v1 | `dqn.py` | 50000 | 2/2 | 500.0 [500.0, 500.0] | – | – | 100 [100, 100] | 10 [10, 10] |",
+        "| dqfd/CartPole-v1 | `dqfd.py` | default | 3/3 | 500.0 [500.0, 500.0] | – | 30 [25, not reached] "
         "| 100 [100, 100] | 10 [10, 10] |",
     ]
     assert "| 3 | not within 250 | 10 |" in summary  # the course's protocol, seed 3

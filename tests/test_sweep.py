@@ -126,15 +126,39 @@ def test_the_table_shows_a_dash_for_a_metric_never_measured_and_not_reached_for_
     # n-step=100: inf, inf. no-threshold: no run measures it. Ranked by (median, 75th): 30, 50, then the
     # two at (inf, inf) in the order given.
     assert sweep.summary_table(rows) == [
-        "| rank | setting | runs ok | eval return, median [IQR] | episodes to threshold, median [IQR] | reached "
+        "| rank | setting | runs ok | eval return, median [IQR] | solved | episodes to threshold, median [IQR] | reached "
         "| wall s, median [IQR] | steps/s, median [IQR] |",
-        "|---|---|---|---|---|---|---|---|",
-        "| 1 | n-step=1 | 3/3 | 500.0 [500.0, 500.0] | 30 [25, not reached] | 2/3 | 10 [10, 10] | 100 [100, 100] |",
-        "| 2 | n-step=10 | 2/2 | 500.0 [500.0, 500.0] | 50 [45, 55] | 2/2 | 10 [10, 10] | 100 [100, 100] |",
-        "| 3 | n-step=100 | 2/2 | 500.0 [500.0, 500.0] | not reached [not reached, not reached] | 0/2 | 10 [10, 10] "
+        "|---|---|---|---|---|---|---|---|---|",
+        "| 1 | n-step=1 | 3/3 | 500.0 [500.0, 500.0] | – | 30 [25, not reached] | 2/3 | 10 [10, 10] | 100 [100, 100] |",
+        "| 2 | n-step=10 | 2/2 | 500.0 [500.0, 500.0] | – | 50 [45, 55] | 2/2 | 10 [10, 10] | 100 [100, 100] |",
+        "| 3 | n-step=100 | 2/2 | 500.0 [500.0, 500.0] | – | not reached [not reached, not reached] | 0/2 | 10 [10, 10] "
         "| 100 [100, 100] |",
-        "| 4 | no-threshold | 2/2 | 500.0 [500.0, 500.0] | – | – | 10 [10, 10] | 100 [100, 100] |",
+        "| 4 | no-threshold | 2/2 | 500.0 [500.0, 500.0] | – | – | – | 10 [10, 10] | 100 [100, 100] |",
     ]
+
+
+def test_solved_counts_the_runs_at_or_above_their_environment_s_reward_threshold():
+    def record(setting, eval_mean, solved_at, status="ok"):
+        return {"setting": setting, "status": status, "eval_mean": eval_mean, "sps": 100, "wall_s": 10.0,
+                "measures_threshold": False, "episodes_to_threshold": None, "solved_at": solved_at}
+    # CartPole-v1 is solved at 475: 500 and 475.0 count, 474.9 does not, a failed run is not judged;
+    # Pendulum-v1 has no threshold: nothing is judged and the table shows a dash
+    records = [record("cartpole", 500.0, 475.0), record("cartpole", 474.9, 475.0), record("cartpole", 475.0, 475.0),
+               record("cartpole", None, 475.0, status="failed"), record("pendulum", -150.0, None)]
+    rows, _ = sweep.rank(sweep.summarize(records, ["cartpole", "pendulum"]))
+    assert [(row["solved"], row["judged"]) for row in rows] == [(2, 3), (0, 0)]
+    assert [line.split(" | ")[4] for line in sweep.summary_table(rows)[2:]] == ["2/3", "–"]
+
+
+@pytest.mark.parametrize("first_line, env_id, threshold", [
+    ("dqn on CartPole-v1, seed 1: the settings tuned for CartPole-v1", "CartPole-v1", 475.0),
+    ("SB3 DQN on LunarLander-v3, seed 41: logging to runs/x", "LunarLander-v3", 200.0),
+    ("ddpg on Pendulum-v1, seed 3: the script's defaults", "Pendulum-v1", None),
+    ("dqn on MountainCar-v0, seed 2: the settings tuned for MountainCar-v0", "MountainCar-v0", -110.0),
+])
+def test_the_environment_and_its_threshold_come_from_the_first_printed_line(first_line, env_id, threshold):
+    match = sweep.ENV_LINE.search(first_line + "\ndevice: cpu\neval: 1.0 ± 0.0 over 10 greedy episodes\n")
+    assert match.group(1) == env_id and sweep.solved_at(env_id) == threshold
 
 
 @pytest.mark.parametrize("stdout, measures", [
