@@ -16,6 +16,12 @@ demo_traj_2.npy over seeds 1-5 (the first episode at which the mean of the last 
       `--tau 1 --target-network-frequency 500` also reaches 475 at episode 20 on 4 of 5 seeds.
   --train-frequency 2: a gradient step every 2 environment steps; every step (1) also reaches 475 at
       episode 20 on 5 of 5 seeds but takes 1.7x the wall time.
+Departures from the paper's agent itself, kept for a small control task and a laptop CPU:
+  the network is per_dqn.py's plain two-layer MLP, not the paper's dueling network (dueling_dqn.py
+      shows that change on its own);
+  the 1-step and n-step TD losses are the Huber loss at --huber-delta 1 (DQN's clipped error term),
+      where the paper writes squared TD errors;
+  --batch-size 128 (paper: 32), as in every script of this family.
 
 Run:  python dqfd.py --demo-path demo_traj_2.npy
 """

@@ -67,7 +67,7 @@ class Args:
     """greedy episodes in each --eval-every evaluation (seeded as the final evaluation's first episodes)"""
 
     # Algorithm-specific arguments
-    learning_rate: float = 2.5e-4  # half of dqn.py's: Wang et al. 2016 lower it for the dueling network too
+    learning_rate: float = 2.5e-4  # half of dqn.py's; Wang et al. 2016 chose theirs "slightly lower" than Double DQN's
     """the Adam learning rate"""
     buffer_size: int = 50_000
     """the replay buffer's capacity in transitions"""

@@ -104,6 +104,22 @@ def test_loads_the_shipped_file():
     np.testing.assert_array_equal(demos["next_observations"][:499], demos["observations"][1:500])
 
 
+def test_the_shipped_file_is_two_real_cartpole_episodes_from_reset_seed_3():
+    # What any machine can check about demo_traj_2.npy (its recording run repeats bit for bit only on the CPU
+    # kind it ran on): CartPole-v1 reset with seed 3, then reset again, and stepped with the file's actions,
+    # gives every state, reward and termination in the file exactly.
+    env = gym.make("CartPole-v1")
+    demos = dqfd.load_demonstrations(str(ROOT / "demo_traj_2.npy"), env.observation_space, env.action_space)
+    obs, _ = env.reset(seed=3)
+    for i in range(1000):
+        if i == 500:
+            obs, _ = env.reset()
+        np.testing.assert_array_equal(demos["observations"][i], obs)
+        obs, reward, terminated, _, _ = env.step(int(demos["actions"][i]))
+        np.testing.assert_array_equal(demos["next_observations"][i], obs)
+        assert reward == demos["rewards"][i] and terminated == demos["terminations"][i]
+
+
 def write_npy(path, array: np.ndarray, protocol: int, numpy_1x: bool = False) -> str:
     """A .npy file as np.save writes it, with the pickle protocol chosen; numpy_1x: numpy 1.x's module names."""
     body = pickle.dumps(array, protocol=protocol)
