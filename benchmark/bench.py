@@ -61,28 +61,53 @@ SB3_DDPG_PENDULUM = {"gamma": 0.98, "buffer-size": 200_000, "learning-starts": 1
                      "critic-weight-decay": 0.0, "batch-size": 256, "tau": 0.005,  # SB3's DDPG defaults
                      "hidden-sizes": "400 300"}
 
+TEN, FIVE, THREE = list(range(1, 11)), list(range(1, 6)), [1, 2, 3]
+IMPERFECT_DEMOS = "benchmark/tuning/dqfd-CartPole-v1/demos/cut_400.npy"  # benchmark/make_demos.py: 400 expert steps
+
+# A cell for every (script, environment) pair the targets of issues 15 and 16 name, on the seeds they name,
+# with the RL Zoo peer beside it wherever the Zoo has settings for the environment.
 CELLS = [
-    # CartPole-v1, 50k steps
-    Cell("dqn/CartPole-v1", "dqn.py", {"env-id": "CartPole-v1", "total-timesteps": 50_000}),
-    Cell("double_dqn/CartPole-v1", "double_dqn.py", {"env-id": "CartPole-v1", "total-timesteps": 50_000}),
-    Cell("dueling_dqn/CartPole-v1", "dueling_dqn.py", {"env-id": "CartPole-v1", "total-timesteps": 50_000}),
-    Cell("per_dqn/CartPole-v1", "per_dqn.py", {"env-id": "CartPole-v1", "total-timesteps": 50_000}),
+    # CartPole-v1, 50k steps (the scripts' defaults); target: >= 475 on 9 of seeds 1-10, each script
+    Cell("dqn/CartPole-v1", "dqn.py", {"env-id": "CartPole-v1", "total-timesteps": 50_000}, seeds=TEN),
+    Cell("double_dqn/CartPole-v1", "double_dqn.py", {"env-id": "CartPole-v1", "total-timesteps": 50_000}, seeds=TEN),
+    Cell("dueling_dqn/CartPole-v1", "dueling_dqn.py", {"env-id": "CartPole-v1", "total-timesteps": 50_000}, seeds=TEN),
+    Cell("per_dqn/CartPole-v1", "per_dqn.py", {"env-id": "CartPole-v1", "total-timesteps": 50_000}, seeds=TEN),
     Cell("dqn-sb3-hparams/CartPole-v1", "dqn.py", {"env-id": "CartPole-v1", "total-timesteps": 50_000, **SB3_DQN_CARTPOLE}),
-    Cell("sb3-dqn/CartPole-v1", "benchmark/sb3_peer.py", {"env-id": "CartPole-v1", "total-timesteps": 50_000}),
-    # LunarLander-v3, 100k steps. Shrunk to fit the hour on two cores: dqn.py only of our DQN family, and
-    # 3 seeds (each run takes minutes; these cells alone would take most of the hour with 5 seeds).
-    Cell("dqn/LunarLander-v3", "dqn.py", {"env-id": "LunarLander-v3", "total-timesteps": 100_000}, seeds=[1, 2, 3]),
-    Cell("dqn-sb3-hparams/LunarLander-v3", "dqn.py", {"env-id": "LunarLander-v3", "total-timesteps": 100_000, **SB3_DQN_LUNAR},
-         seeds=[1, 2, 3]),
-    Cell("sb3-dqn/LunarLander-v3", "benchmark/sb3_peer.py", {"env-id": "LunarLander-v3", "total-timesteps": 100_000},
-         seeds=[1, 2, 3]),
-    # Pendulum-v1, 20k steps
-    Cell("ddpg/Pendulum-v1", "ddpg.py", {"env-id": "Pendulum-v1", "total-timesteps": 20_000}),
+    Cell("sb3-dqn/CartPole-v1", "benchmark/sb3_peer.py", {"env-id": "CartPole-v1", "total-timesteps": 50_000}, seeds=TEN),
+    # LunarLander-v3, 200k steps (the issue's peer runs); target: median >= 200 over seeds 1-5, each script
+    Cell("dqn/LunarLander-v3", "dqn.py", {"env-id": "LunarLander-v3", "total-timesteps": 200_000}, seeds=FIVE),
+    Cell("double_dqn/LunarLander-v3", "double_dqn.py", {"env-id": "LunarLander-v3", "total-timesteps": 200_000}, seeds=FIVE),
+    Cell("dueling_dqn/LunarLander-v3", "dueling_dqn.py", {"env-id": "LunarLander-v3", "total-timesteps": 200_000},
+         seeds=FIVE),
+    Cell("per_dqn/LunarLander-v3", "per_dqn.py", {"env-id": "LunarLander-v3", "total-timesteps": 200_000}, seeds=FIVE),
+    Cell("dqn-sb3-hparams/LunarLander-v3", "dqn.py", {"env-id": "LunarLander-v3", "total-timesteps": 200_000,
+                                                       **SB3_DQN_LUNAR}, seeds=FIVE),
+    Cell("sb3-dqn/LunarLander-v3", "benchmark/sb3_peer.py", {"env-id": "LunarLander-v3", "total-timesteps": 200_000},
+         seeds=FIVE),
+    # MountainCar-v0 (the lecture notes); target: median >= -110 over seeds 1-5
+    Cell("dqn/MountainCar-v0", "dqn.py", {"env-id": "MountainCar-v0", "total-timesteps": 120_000}, seeds=FIVE),
+    Cell("sb3-dqn/MountainCar-v0", "benchmark/sb3_peer.py", {"env-id": "MountainCar-v0"}, seeds=FIVE),
+    # Taxi-v4 (the lecture notes, one-hot observations); target: median >= 7 over seeds 1-5; the Zoo has no Taxi
+    Cell("dqn/Taxi-v4", "dqn.py", {"env-id": "Taxi-v4", "total-timesteps": 100_000}, seeds=FIVE),
+    # Pendulum-v1, 15k steps (ddpg.py's defaults); target: median >= -150 over seeds 1-10
+    Cell("ddpg/Pendulum-v1", "ddpg.py", {"env-id": "Pendulum-v1", "total-timesteps": 15_000}, seeds=TEN),
     Cell("ddpg-sb3-hparams/Pendulum-v1", "ddpg.py", {"env-id": "Pendulum-v1", "total-timesteps": 20_000, **SB3_DDPG_PENDULUM}),
-    Cell("sb3-ddpg/Pendulum-v1", "benchmark/sb3_peer.py", {"env-id": "Pendulum-v1", "total-timesteps": 20_000}),
-    # The course's protocol: DQfD with the course's demonstrations, 10 seeds
+    Cell("sb3-ddpg/Pendulum-v1", "benchmark/sb3_peer.py", {"env-id": "Pendulum-v1", "total-timesteps": 20_000}, seeds=TEN),
+    # MountainCarContinuous-v0; target: >= 90 on seeds 1-5
+    Cell("ddpg/MountainCarContinuous-v0", "ddpg.py", {"env-id": "MountainCarContinuous-v0", "total-timesteps": 50_000},
+         seeds=FIVE),
+    Cell("sb3-ddpg/MountainCarContinuous-v0", "benchmark/sb3_peer.py", {"env-id": "MountainCarContinuous-v0"}, seeds=FIVE),
+    # LunarLanderContinuous-v3, 300k steps; target: median >= 200 over seeds 1-3
+    Cell("ddpg/LunarLanderContinuous-v3", "ddpg.py", {"env-id": "LunarLanderContinuous-v3", "total-timesteps": 300_000},
+         seeds=THREE),
+    Cell("sb3-ddpg/LunarLanderContinuous-v3", "benchmark/sb3_peer.py", {"env-id": "LunarLanderContinuous-v3"},
+         seeds=THREE),
+    # The course's protocol, seeds 1-10: DQfD with the shipped expert file (target: 20 on 10/10) and with
+    # 400 imperfect transitions (target: every seed within 250 episodes, median <= 25)
     Cell("dqfd/CartPole-v1", "dqfd.py", {"env-id": "CartPole-v1", "demo-path": "demo_traj_2.npy"},
-         seeds=list(range(1, 11)), course_protocol=True),
+         seeds=TEN, course_protocol=True),
+    Cell("dqfd-cut-400/CartPole-v1", "dqfd.py", {"env-id": "CartPole-v1", "demo-path": IMPERFECT_DEMOS},
+         seeds=TEN, course_protocol=True),
 ]
 
 # The course's DQfD (CONTEXT.md, document 1): at most 250 episodes; the score is the first episode at
