@@ -67,11 +67,11 @@ def test_negative_max_grad_norm_is_refused(tmp_path):
 
 
 def test_learning_cartpole(tmp_path):
-    """test_dqn.py's learning flags (seed 2, 20k steps, epsilon decaying over the first 30%) at dqn.py's
-    learning rate: a greedy return that random play (about 22) and a broken learner never reach. This seed
-    measured 267.8 (mean of 10 greedy episodes). The default rate, half that, learns more surely but more
-    slowly (171.8 here at 20k steps, 232.5 at 30k; 9 of 10 seeds solve at the default 50k)."""
-    flags = ["--seed", "2", "--total-timesteps", "20000", "--exploration-fraction", "0.3", "--learning-rate", "5e-4"]
+    """The script's default learning rate (2.5e-4) with test_dqn.py's short flags (seed 2, 20k steps, epsilon
+    decaying over the first 30%): a greedy return that random play (about 22) and a broken learner never
+    reach. Measured: 165.8 on seed 2 and 169.6 on seed 1 (mean of 10 greedy episodes); the slower rate needs
+    the full default 50k steps to solve CartPole."""
+    flags = ["--seed", "2", "--total-timesteps", "20000", "--exploration-fraction", "0.3"]
     result = run_ok("dueling_dqn.py", *flags, cwd=tmp_path)
     eval_returns = [value for _, value in read_scalars(only_run_dir(tmp_path))["eval/episodic_return"]]
-    assert np.mean(eval_returns) >= 250, result.stdout
+    assert np.mean(eval_returns) >= 120, result.stdout
