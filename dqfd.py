@@ -571,8 +571,7 @@ MAX_DEMO_BYTES = 2**26  # 64 MiB, about 600,000 CartPole transitions: a larger f
 # float32's 3.4e38) or rewards of 1e38 (their n-step sums overflow), and stayed finite up to 1e37.
 LARGEST_DEMO_VALUE = 1e30
 NUMERIC_DTYPES = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"}
-# The pickle opcodes numpy.save writes (protocols 3 to 5): no dict, set, object, extension or buffer ever. Of
-# these only REDUCE and BUILD call anything, and they reach only the code in DemoUnpickler and Unpickled.
+# The pickle opcodes numpy.save writes (protocols 3 to 5): only REDUCE and BUILD call anything, the code below.
 PICKLE_OPCODES = {"PROTO", "FRAME", "STOP", "MARK", "MEMOIZE", "BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET",
                   "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "SHORT_BINUNICODE",
                   "BINUNICODE", "SHORT_BINBYTES", "BINBYTES", "BYTEARRAY8", "EMPTY_LIST", "APPEND", "APPENDS",
@@ -583,42 +582,24 @@ class Refused(Exception):
     """A pickle that asks for something a demonstration file never needs."""
 
 
-def is_shape(shape) -> bool:  # at most numpy's 64 dimensions: the product of a million takes minutes
-    return isinstance(shape, tuple) and len(shape) <= 64 and all(type(n) is int and n >= 0 for n in shape)
-
-
 def numeric_array(data, dtype, shape, fortran=False) -> np.ndarray:
     """Numbers read by np.frombuffer from `data`, which must hold exactly the bytes `shape` and `dtype` need."""
+    dtype = unwrap(dtype)
     if not (isinstance(dtype, np.dtype) and dtype.str[1:] in NUMERIC_DTYPES and isinstance(data, (bytes, bytearray))
-            and is_shape(shape) and len(data) == math.prod(shape) * dtype.itemsize):
+            and isinstance(shape, tuple) and len(shape) <= 64  # numpy's limit: the product of a million takes minutes
+            and all(type(n) is int and n >= 0 for n in shape) and len(data) == math.prod(shape) * dtype.itemsize):
         raise ValueError("an array's data does not match its shape and dtype")
     return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
 
 
 class Unpickled:
-    """An array or dtype that a pickle makes, built here from the plain values of its state, never by numpy."""
+    """An array or dtype that a pickle makes, built by `build` from the plain values of BUILD's state, not numpy."""
 
-    def __init__(self, unpickler, dtype_name: Optional[str] = None, value=None):
-        self.unpickler, self.dtype_name, self.value = unpickler, dtype_name, value
+    def __init__(self, build=None, value=None):
+        self.build, self.value = build, value
 
-    def __setstate__(self, state):  # the pickle's BUILD
-        if self.value is not None or type(state) is not tuple:
-            raise ValueError("a BUILD of something already built")
-        if self.dtype_name:  # a dtype's state is (version, byte order, ...): only the byte order is read
-            self.value = np.dtype(self.dtype_name).newbyteorder(state[1])
-            return
-        _, shape, dtype, fortran, data = state  # an array's
-        if not (isinstance(unwrap(dtype), np.dtype) and unwrap(dtype).hasobject and type(data) is list):
-            self.value = numeric_array(data, unwrap(dtype), shape, fortran)
-            return
-        if not (is_shape(shape) and len(data) == math.prod(shape)):
-            raise ValueError("an object array's items do not match its shape")
-        self.unpickler.items_left -= len(data) + math.prod(shape[:-1])  # and the lists .tolist() makes
-        if self.unpickler.items_left < 0:  # a list shared by many arrays must not multiply the work
-            raise Refused("builds more items than its size allows")
-        # Nested lists, not an object array: numpy frees arrays inside arrays recursively, a crash when deep.
-        # numpy pickles an object array's items in C order, Fortran-ordered or not.
-        self.value = np.fromiter(data, object, len(data)).reshape(shape).tolist()
+    def __setstate__(self, state):  # the pickle's BUILD; one on _frombuffer's array (build None) fails
+        self.value = self.build(state)
 
 
 def unwrap(value):
@@ -627,25 +608,32 @@ def unwrap(value):
 
 
 class DemoUnpickler(pickle.Unpickler):
-    """pickle's unpickler for a pickle of checked opcodes, with numpy's few names mapped to the code above."""
+    """pickle's unpickler for a pickle of checked opcodes, with numpy's few names mapped to the code here."""
 
     def __init__(self, data: bytes):
         super().__init__(io.BytesIO(data))
-        self.items_left = len(data)  # object arrays may copy at most one item per byte of the file
+        self.data, self.items_left = data, len(data)  # object arrays may copy at most one item per byte of the file
 
-    def make_dtype(self, name, *flags) -> Unpickled:
-        if not (isinstance(name, str) and (name in NUMERIC_DTYPES or name == "O8")):
-            raise Refused(f"asks for the dtype {brief(name)}, but demonstrations are numbers")
-        return Unpickled(self, dtype_name=name)
+    def load(self):
+        """The pickle's value, once pickletools.genops has read every opcode and checked its length, acting on none."""
+        memo_size = 0
+        for opcode, arg, _ in pickletools.genops(self.data):
+            if opcode.name not in PICKLE_OPCODES:
+                raise Refused(f"uses the opcode {opcode.name}, which numpy.save never writes")
+            if opcode.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT"):  # numbered 0, 1, 2...: a larger number would make
+                if arg not in (None, memo_size):                     # the unpickler allocate a memo that long
+                    raise ValueError("a memo index out of order")
+                memo_size += 1
+        return unwrap(super().load())
 
     def find_class(self, module: str, name: str):
         imitations = {  # numpy 1.x wrote numpy.core for numpy._core
-            "numpy._core.multiarray._reconstruct": lambda *args: Unpickled(self),  # an empty array, filled in by BUILD
+            "numpy._core.multiarray._reconstruct": lambda *args: Unpickled(self.array),  # an empty array until BUILD
             "numpy.ndarray": "ndarray",  # only an argument of _reconstruct
-            "numpy.dtype": self.make_dtype,
-            "numpy._core.multiarray.scalar": lambda dtype, data: numeric_array(data, unwrap(dtype), ()).item(),
+            "numpy.dtype": self.dtype,
+            "numpy._core.multiarray.scalar": lambda dtype, data: numeric_array(data, dtype, ()).item(),
             "numpy._core.numeric._frombuffer": lambda data, dtype, shape, order: Unpickled(
-                self, value=numeric_array(data, unwrap(dtype), shape, order == "F")),
+                value=numeric_array(data, dtype, shape, order == "F")),
         }
         full_name = f"{module.replace('numpy.core.', 'numpy._core.')}.{name}"
         if full_name not in imitations:
@@ -653,22 +641,21 @@ class DemoUnpickler(pickle.Unpickler):
                           f"and which could run code")
         return imitations[full_name]
 
+    def dtype(self, name, *flags) -> Unpickled:
+        if not (isinstance(name, str) and (name in NUMERIC_DTYPES or name == "O8")):
+            raise Refused(f"asks for the dtype {brief(name)}, but demonstrations are numbers")
+        return Unpickled(lambda state: np.dtype(name).newbyteorder(state[1]))  # state: (version, byte order, ...)
 
-def unpickle(data: bytes):
-    """The value a numpy.save pickle describes, of numbers, strings, lists, tuples and Unpickled arrays only.
-
-    pickletools.genops reads every opcode without acting on it, checking each length it gives against the
-    bytes there; only a pickle of the opcodes above goes on to pickle's unpickler.
-    """
-    memo_size = 0
-    for opcode, arg, _ in pickletools.genops(data):
-        if opcode.name not in PICKLE_OPCODES:
-            raise Refused(f"uses the opcode {opcode.name}, which numpy.save never writes")
-        if opcode.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT"):  # numbered 0, 1, 2...: a larger number would make
-            if arg not in (None, memo_size):                     # the unpickler allocate a memo that long
-                raise ValueError("a memo index out of order")
-            memo_size += 1
-    return DemoUnpickler(data).load()
+    def array(self, state):
+        """An array from its state (version, shape, dtype, fortran, data); an object array as nested lists."""
+        _, shape, dtype, fortran, data = state
+        if type(data) is not list:  # numpy pickles an object array's items as a list, in C order even when Fortran
+            return numeric_array(data, dtype, shape, fortran)
+        items = np.fromiter(data, object, len(data)).reshape(shape)  # numpy checks the shape
+        self.items_left -= items.size + math.prod(max(n, 1) for n in items.shape[:-1])  # and the lists .tolist() makes
+        if self.items_left < 0:  # a list shared by many arrays must not multiply the work
+            raise Refused("builds more items than its size allows")
+        return items.tolist()  # not an object array: numpy frees arrays inside arrays recursively, a crash when deep
 
 
 def read_npy(path: str) -> tuple:
@@ -676,7 +663,7 @@ def read_npy(path: str) -> tuple:
     if os.path.exists(path) and not os.path.isfile(path):
         raise ValueError(f"the demonstration path {path} is not a regular file (a directory, FIFO, socket or device).")
     try:  # O_NONBLOCK: a FIFO put in the file's place since the check cannot make open() wait for a writer
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as file:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
             size = os.fstat(file.fileno()).st_size
             if size > MAX_DEMO_BYTES:
                 raise ValueError(f"the demonstration file {path} has {size} bytes, more than the {MAX_DEMO_BYTES} "
@@ -696,7 +683,7 @@ def read_npy(path: str) -> tuple:
         raise ValueError(f"{path} holds an array of {dtype}, but demonstrations are numbers.")
     try:
         if dtype.hasobject:
-            return unwrap(unpickle(contents.read())), size
+            return DemoUnpickler(contents.read()).load(), size
         return numeric_array(contents.read(math.prod(shape) * dtype.itemsize), dtype, shape, fortran), size
     except Refused as error:
         raise ValueError(f"{path} was refused: its pickle {error}.")
@@ -736,41 +723,35 @@ def brief(value) -> str:
 def load_demonstrations(path: str, observation_space: gym.Space, action_space: gym.spaces.Discrete) -> dict:
     """Read the course's demonstration layout and check it against the environment.
 
-    The file holds an array of episodes (a 1-D object array, or the 3-D one np.array makes when all episodes
-    have the same length); each episode is a sequence of steps [state, action, reward, next_state, done], lists,
-    tuples or arrays alike. `done` is gymnasium's `terminated`: an episode whose last step has done False was cut
-    by a time limit and bootstraps. Returns flat arrays of the transitions in order, `episode_ends` marking each
-    episode's last step. A problem raises ValueError with one sentence naming the episode and step; states
-    outside the observation space's bounds get one warning line on stderr.
+    The file holds an array of episodes (a 1-D object array, or the 3-D one np.array makes from equal lengths), each
+    a sequence of steps [state, action, reward, next_state, done], lists, tuples or arrays alike; done is gymnasium's
+    `terminated`, so an episode ending in done False was cut by a time limit and bootstraps. Returns flat arrays of
+    the transitions in order, `episode_ends` marking each episode's last step. A problem raises ValueError in one
+    sentence naming the episode and step; states outside the observation space's bounds get one warning on stderr.
     """
     episodes, size = read_npy(path)
     shape, is_discrete = observation_space.shape, isinstance(observation_space, gym.spaces.Discrete)
     if not is_sequence(episodes):
         raise ValueError(f"{path} holds {brief(episodes)}, not an array of episodes.")
-    # An honest file spends a byte or more on each number it gives, but a pickle can repeat an episode by
-    # reference a million times in a few bytes, and an array can have 10^15 empty rows: read at most 2 numbers a byte.
+    # An honest file spends a byte or more on each number it gives, but a pickle can repeat an episode by reference
+    # a million times in a few bytes, and an array can have 10^15 empty rows: read at most 2 numbers a byte.
     too_many = ValueError(f"{path} was refused: it gives more episodes or steps than its {size} bytes could hold.")
     if len(episodes) > 2 * size:
         raise too_many
     episodes = [unwrap(episode) for episode in episodes]
+    steps = sum(len(episode) for episode in episodes if is_sequence(episode))
+    if len(episodes) + steps * (2 * math.prod(shape) + 3) > 2 * size:
+        raise too_many
+    rows, outside = [], []
     for e, episode in enumerate(episodes):
         if not is_sequence(episode):
             raise ValueError(f"{path}: episode {e} is {brief(episode)}, not a sequence of steps.")
-    n = sum(len(episode) for episode in episodes)
-    if len(episodes) + n * (2 * math.prod(shape) + 3) > 2 * size:
-        raise too_many
-    if n == 0:
-        raise ValueError(f"{path} holds no transitions; it needs at least one step.")
-    names = ["observations", "actions", "rewards", "next_observations", "terminations", "episode_ends"]
-    demos = {name: np.zeros((n, *shape) if "observations" in name else n) for name in names}
-    i, outside, first_outside = 0, 0, ""
-    for e, episode in enumerate(episodes):
-        for t, step in enumerate(episode):
-            where, step = f"{path}: episode {e}, step {t}", unwrap(step)
+        for t, step in enumerate(map(unwrap, episode)):
+            where = f"{path}: episode {e}, step {t}"
             if not is_sequence(step) or len(step) != 5:
                 raise ValueError(f"{where} is not a [state, action, reward, next_state, done] step.")
-            state, action, reward, next_state, done = (as_numbers(value, value_shape) for value, value_shape
-                                                       in zip(step, [shape, (), (), shape, ()]))
+            row = [as_numbers(value, value_shape) for value, value_shape in zip(step, [shape, (), (), shape, ()])]
+            state, action, reward, next_state, done = row
             for name, obs, value in [("state", state, step[0]), ("next_state", next_state, step[3])]:
                 if obs is None:
                     raise ValueError(f"{where}: the {name} is {brief(value)}, but the environment's observations "
@@ -781,7 +762,7 @@ def load_demonstrations(path: str, observation_space: gym.Space, action_space: g
                 if is_discrete and (obs != int(obs) or not observation_space.contains(int(obs))):
                     raise ValueError(f"{where}: the {name} {obs.item()} is not in the observation space {observation_space}.")
                 if not is_discrete and ((obs < observation_space.low) | (obs > observation_space.high)).any():
-                    outside, first_outside = outside + 1, first_outside or f"{where}: the {name}"
+                    outside.append(f"{where}: the {name}")
             if (action is None or not np.isfinite(action) or action != int(action)
                     or not action_space.contains(int(action))):
                 raise ValueError(f"{where}: the action {brief(step[1])} is not in the action space {action_space}.")
@@ -790,14 +771,15 @@ def load_demonstrations(path: str, observation_space: gym.Space, action_space: g
                                  f"±{LARGEST_DEMO_VALUE:g}.")
             if done is None or done not in (0, 1):
                 raise ValueError(f"{where}: done {brief(step[4])} is not a bool.")
-            for name, value in zip(names, [state, action, reward, next_state, done, t == len(episode) - 1]):
-                demos[name][i] = value
-            i += 1
+            rows.append(row + [t == len(episode) - 1])
+    if not rows:
+        raise ValueError(f"{path} holds no transitions; it needs at least one step.")
     if outside:
-        print(f"warning: {first_outside} lies outside the observation space's bounds; {outside} of the {2 * n} "
-              f"states do, and training goes on.", file=sys.stderr)
+        print(f"warning: {outside[0]} lies outside the observation space's bounds; {len(outside)} of the "
+              f"{2 * len(rows)} states do, and training goes on.", file=sys.stderr)
+    names = ["observations", "actions", "rewards", "next_observations", "terminations", "episode_ends"]
     dtypes = [observation_space.dtype, np.int64, np.float32, observation_space.dtype, np.float32, bool]
-    demos = {name: demos[name].astype(dtype) for name, dtype in zip(names, dtypes)}
+    demos = {name: np.array(column, dtype) for name, column, dtype in zip(names, zip(*rows), dtypes)}
     demos["episode_ends"] |= demos["terminations"] > 0  # a termination ends an episode even inside a list
     return demos
 
