@@ -160,6 +160,13 @@ def object_arrays_sharing_one_list(folder):
     return npy(folder / "shared_list.npy", pickle.PROTO + b"\x04" + body + pickle.STOP)
 
 
+def a_zero_in_the_middle_of_a_shape(folder):
+    # An object array of shape (10^8, 0, 5) and no items: numpy expands it to 10^8 empty rows, which took the
+    # first version of this loader minutes and gigabytes; a product with a zero in it must not hide the 10^8.
+    body = object_array_start(tuple_of(integer(10**8), integer(0), integer(5)), first=True) + pickle.EMPTY_LIST
+    return npy(folder / "zero_in_shape.npy", pickle.PROTO + b"\x04" + body + pickle.TUPLE + pickle.BUILD + pickle.STOP)
+
+
 def bytearray_of_2_gb(folder):
     # 2 GB from a 160-byte file: bytearray(2 * 10**9), which the old loader's builtins allowed.
     return npy(folder / "bytearray.npy", whole(call(name("builtins", "bytearray"), integer(2 * 10**9))))
@@ -307,6 +314,7 @@ CRAFTED = [
     (zero_width_rows, "more episodes or steps than its"),
     (episodes_repeated_by_reference, "more episodes or steps than its"),
     (object_arrays_sharing_one_list, "builds more items than its size allows"),
+    (a_zero_in_the_middle_of_a_shape, "builds more items than its size allows"),
     (bytearray_of_2_gb, "asks for builtins.bytearray"),
     (length_claims_2_gb, "truncated or corrupt"),
     (header_claims_4_gb, "not a .npy file"),
