@@ -5,6 +5,15 @@ The root of the family: an online Q-network trained on minibatches drawn uniform
 buffer, towards targets computed by a periodically updated copy of itself (the target network).
 Every sibling script is this file plus one paper's change.
 
+Departures from the paper's Atari agent, for small control tasks on a CPU (the siblings keep them):
+a two-layer MLP; Adam (paper: RMSProp); a soft target update, tau 0.005 every step (the paper's hard
+copy is `--tau 1 --target-network-frequency N`; with N 500 it solved 1 of CartPole seeds 1-5); a
+gradient step every environment step on batches of 128 (paper: every 4, batch 32); epsilon from 1 to
+0.01 over the first 12% of the run. Flags for what the paper does not have, off by default and
+measured on CartPole tuning seeds 101-110 (benchmark/tuning/dqn-CartPole-v1/): --anneal-lr (8 of 10
+solved, as without it), --max-grad-norm (0: no clipping), --huber-delta other than the paper's 1
+(10: 8 of 10, as 1).
+
 Run:  python dqn.py --env-id CartPole-v1 --seed 1
 """
 
