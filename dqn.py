@@ -7,12 +7,12 @@ Every sibling script is this file plus one paper's change.
 
 Departures from the paper's Atari agent, for small control tasks on a CPU (the siblings keep them):
 a two-layer MLP; Adam (paper: RMSProp); a soft target update, tau 0.005 every step (the paper's hard
-copy is `--tau 1 --target-network-frequency N`; with N 500 it solved 1 of CartPole seeds 1-5); a
-gradient step every environment step on batches of 128 (paper: every 4, batch 32); epsilon from 1 to
-0.01 over the first 12% of the run. Flags for what the paper does not have, off by default and
-measured on CartPole tuning seeds 101-110 (benchmark/tuning/dqn-CartPole-v1/): --anneal-lr (8 of 10
-solved, as without it), --max-grad-norm (0: no clipping), --huber-delta other than the paper's 1
-(10: 8 of 10, as 1).
+copy is `--tau 1 --target-network-frequency N`; with N 500 an earlier version of this script solved
+1 of CartPole seeds 1-5); a gradient step every environment step on batches of 128 (paper: every 4,
+batch 32); epsilon from 1 to 0.01 over the first 12% of the run. Flags for what the paper does not
+have, off by default and measured on CartPole tuning seeds 101-110 (benchmark/tuning/dqn-CartPole-v1/):
+--anneal-lr (8 of 10 solved, as without it), --max-grad-norm (0: no clipping), --huber-delta other
+than the paper's 1 (10: 8 of 10, as 1).
 
 Run:  python dqn.py --env-id CartPole-v1 --seed 1
 """
