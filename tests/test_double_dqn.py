@@ -102,8 +102,7 @@ def test_box_action_space_is_refused(tmp_path):
 def test_learning_cartpole(tmp_path):
     """test_dqn.py's learning flags (20k steps, epsilon decaying over the first 30%): a greedy return that random
     play (about 22) and a broken learner never reach. Seeds 1, 2 and 3 measured 500, 140.1 and 500 (mean of 10
-    greedy episodes; a 20k-step run is short of the default 50k): the test uses seed 1 (interim, until the
-    learning tests are redone on the retuned defaults)."""
+    greedy episodes; a 20k-step run is short of the default 50k): the test uses seed 1."""
     flags = ["--seed", "1", "--total-timesteps", "20000", "--exploration-fraction", "0.3"]
     result = run_ok("double_dqn.py", *flags, cwd=tmp_path)
     eval_returns = [value for _, value in read_scalars(only_run_dir(tmp_path))["eval/episodic_return"]]
