@@ -217,7 +217,8 @@ def write_bench_outputs(out: Path, runs: list, records: list, cells: list, rates
         for row in rows:
             cell = cell_by_name[row["setting"]]
             steps = next(run.flags.get("total-timesteps", "default") for run in env_runs if run.setting == cell.name)
-            line = f"| {cell.name} | `{cell.script}` | {steps} | {row['ok']}/{row['finished']} | {sweep.fmt_quartiles(row['eval_mean'])} | {sweep.fmt_solved(row)} |"
+            line = (f"| {cell.name} | `{cell.script}` | {steps} | {row['ok']}/{row['finished']} "
+                    f"| {sweep.fmt_quartiles(row['eval_mean'])} | {sweep.fmt_solved(row)} |")
             if with_threshold:
                 line += f" {sweep.fmt_quartiles(row['episodes_to_threshold'], 0)} |"
             lines.append(line + f" {sweep.fmt_quartiles(row['sps'], 0)} | {sweep.fmt_quartiles(row['wall_s'], 0)} |")

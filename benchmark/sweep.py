@@ -533,8 +533,9 @@ def make_record(out: Path, run: Run, result: dict) -> dict:
     """Write a finished run's files and return its row: status, summary numbers, folder, error line."""
     record = {"key": run.key, "script": run.script.name, "flags": run.flags, "seed": run.seed,
               "setting": run.setting, "group": run.group, "status": LOST, "eval_mean": None,
-              "eval_std": None, "env_id": None, "solved_at": None, "measures_threshold": False, "episodes_to_threshold": None, "wall_s": None, "sps": None,
-              "run_dir": None, "error": "", "host": result.get("host", "")}
+              "eval_std": None, "env_id": None, "solved_at": None, "measures_threshold": False,
+              "episodes_to_threshold": None, "wall_s": None, "sps": None, "run_dir": None, "error": "",
+              "host": result.get("host", "")}
     if "lost" in result:
         record["error"] = result["lost"]
         return record
@@ -602,7 +603,8 @@ def append_ledger(out: Path, record: dict) -> None:
         os.fsync(ledger.fileno())
 
 
-RESULT_COLUMNS = ["seed", "status", "eval_mean", "eval_std", "env_id", "solved_at", "episodes_to_threshold", "wall_s", "sps", "run_dir", "error"]
+RESULT_COLUMNS = ["seed", "status", "eval_mean", "eval_std", "env_id", "solved_at", "episodes_to_threshold", "wall_s",
+                  "sps", "run_dir", "error"]
 
 
 def write_results_csv(path: Path, records: list, flag_names: list, leading=("script",)) -> None:
@@ -697,7 +699,8 @@ def summary_table(rows: list, first_column: str = "setting") -> list:
     header += " wall s, median [IQR] | steps/s, median [IQR] |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for i, row in enumerate(rows, 1):
-        line = f"| {i} | {row['setting']} | {row['ok']}/{row['finished']} | {fmt_quartiles(row['eval_mean'])} | {fmt_solved(row)} |"
+        line = (f"| {i} | {row['setting']} | {row['ok']}/{row['finished']} | {fmt_quartiles(row['eval_mean'])} "
+                f"| {fmt_solved(row)} |")
         if with_threshold:
             reached = f"{row['reached']}/{row['measured']}" if row["measured"] else "–"
             line += f" {fmt_quartiles(row['episodes_to_threshold'], 0)} | {reached} |"

@@ -69,8 +69,8 @@ def test_negative_max_grad_norm_is_refused(tmp_path):
 def test_learning_cartpole(tmp_path):
     """The script's default learning rate (2.5e-4) with test_dqn.py's short flags (seed 2, 20k steps, epsilon
     decaying over the first 30%): a greedy return that random play (about 22) and a broken learner never
-    reach. Measured: 165.8 on seed 2 and 169.6 on seed 1 (mean of 10 greedy episodes); the slower rate needs
-    the full default 50k steps to solve CartPole."""
+    reach. Measured: 165.8 on seed 2 and 169.6 on seed 1 (mean of 10 greedy episodes; a 20k-step run is short
+    of the default 50k)."""
     flags = ["--seed", "2", "--total-timesteps", "20000", "--exploration-fraction", "0.3"]
     result = run_ok("dueling_dqn.py", *flags, cwd=tmp_path)
     eval_returns = [value for _, value in read_scalars(only_run_dir(tmp_path))["eval/episodic_return"]]
