@@ -39,11 +39,13 @@ def test_tiny_grid_our_script_beside_the_sb3_peer_gives_the_table_and_plots(tmp_
         ("dqn/CartPole-v1", "1"), ("dqn/CartPole-v1", "2"), ("sb3-dqn/CartPole-v1", "1"), ("sb3-dqn/CartPole-v1", "2")]
     for row in rows:
         assert row["status"] == "ok" and float(row["sps"]) > 0, row
+        assert row["env_id"] == "CartPole-v1" and float(row["solved_at"]) == 475, row  # read from each run's first line
         scalars = read_scalars(out / row["run_dir"])
         assert len(scalars["eval/episodic_return"]) == 2 and scalars["charts/episodic_return"]
     summary = (out / "summary.md").read_text()
-    assert "| dqn/CartPole-v1 | `dqn.py` | 1200 | 2/2 |" in summary
-    assert "| sb3-dqn/CartPole-v1 | `benchmark/sb3_peer.py` | 1200 | 2/2 |" in summary
+    for cell_row in ["| dqn/CartPole-v1 | `dqn.py` | 1200 | 2/2 |", "| sb3-dqn/CartPole-v1 | `benchmark/sb3_peer.py` | 1200 | 2/2 |"]:
+        line = next(line for line in summary.splitlines() if line.startswith(cell_row))
+        assert line.split(" | ")[5].endswith("/2"), line  # solved: both runs judged against CartPole's 475
     assert "| CartPole-v1 | raw environment, random actions |" in summary
     for plot in ["curves_CartPole-v1_steps.png", "curves_CartPole-v1_wall.png"]:
         assert (out / plot).read_bytes()[:4] == b"\x89PNG" and plot in summary
