@@ -643,7 +643,8 @@ if __name__ == "__main__":
             import moviepy  # noqa: F401  (gymnasium's RecordVideo writes mp4 files with it)
         except ImportError:
             fail("--capture-video needs moviepy to write videos: pip install moviepy")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    # A replay of a saved agent is named as one, so TensorBoard tells it from a training run
+    run_name = f"{args.env_id}__{args.exp_name}{'' if model is None else '-replay'}__{args.seed}__{int(time.time())}"
 
     # Seeding
     random.seed(args.seed)
@@ -687,6 +688,7 @@ if __name__ == "__main__":
             fail(str(e))
         writer, _ = open_outputs(args, run_name)
         start_time = time.time()
+        print(f"evaluating the loaded agent: {args.eval_episodes} greedy episodes", flush=True)
         eval_returns = evaluate(q_network, eval_env, args.eval_episodes, args.seed + 1, device)
         for episode, episode_return in enumerate(eval_returns):
             writer.add_scalar("eval/episodic_return", episode_return, episode)
@@ -784,6 +786,7 @@ if __name__ == "__main__":
                   f"epsilon {epsilon:.3f}  {int(global_step / (time.time() - start_time))} steps/s", flush=True)
     train_time = time.time() - start_time
 
+    print(f"evaluating the final network: {args.eval_episodes} greedy episodes", flush=True)
     eval_returns = evaluate(q_network, eval_env, args.eval_episodes, args.seed + 1, device)
     for episode, episode_return in enumerate(eval_returns):
         writer.add_scalar("eval/episodic_return", episode_return, episode)

@@ -308,6 +308,7 @@ def main(argv: Optional[list] = None) -> int:
         cells = select_cells(args.cells)
         runs = make_runs(cells, args.seeds, parse_overrides(args.set))
         sweep.check_out(out, made_by)
+        sweep.check_plotting()
         if args.backend == "ray":
             sweep.import_ray(args.ray_address)
         command = "python -m benchmark.bench " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -680,15 +680,20 @@ def summarize(records: list, settings: list) -> list:
 
 
 def rank(rows: list) -> tuple:
-    """Rows best first: by median episodes to threshold (fewer is better) when the script logs it, else
+    """Rows best first: by median episodes to threshold (fewer is better) when the script logs it, then
     by median evaluation return (higher is better); equal medians by the worse quartile (the 75th
-    percentile of episodes, the 25th of returns). Returns (rows, what they are ranked by)."""
+    percentile of episodes, the 25th of returns). A setting whose median never reached the threshold so
+    ranks below every one whose median did, and among those that never did, by return. Returns (rows,
+    what they are ranked by)."""
+    def by_return(row):
+        return tuple(-v for v in (row["eval_mean"] or (-math.inf,) * 3)[:2])  # (median, q25)
+
     if any(row["episodes_to_threshold"] for row in rows):
-        key = lambda row: (row["episodes_to_threshold"] or (math.inf,) * 3)[::2]  # noqa: E731  (median, q75)
-        return sorted(rows, key=key), ("the median number of episodes to reach the threshold (fewer is better; "
-                                       "equal medians by the 75th percentile)")
-    key = lambda row: tuple(-v for v in (row["eval_mean"] or (-math.inf,) * 3)[:2])  # noqa: E731  (median, q25)
-    return sorted(rows, key=key), "the median greedy evaluation return (higher is better; equal medians by the 25th percentile)"
+        def by_episodes(row):
+            return (*(row["episodes_to_threshold"] or (math.inf,) * 3)[::2], *by_return(row))  # (median, q75)
+        return sorted(rows, key=by_episodes), ("the median number of episodes to reach the threshold (fewer is "
+                                               "better; equal medians by the 75th percentile, then by return)")
+    return sorted(rows, key=by_return), "the median greedy evaluation return (higher is better; equal medians by the 25th percentile)"
 
 
 def summary_table(rows: list, first_column: str = "setting") -> list:
@@ -732,6 +737,15 @@ def learning_curves(out: Path, records: list, x: str = "step", points: int = 200
             warnings.simplefilter("ignore", RuntimeWarning)
             curves[setting] = (grid, np.nanmean(ys, axis=0), np.nanstd(ys, axis=0))
     return curves
+
+
+def check_plotting() -> None:
+    """Raise GridError before any run when matplotlib, which draws the curves at the end, is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise GridError("the sweep draws its learning curves with matplotlib, which is not installed: "
+                        "pip install -r benchmark/requirements.txt") from None
 
 
 def plot_curves(path: Path, curves: dict, title: str, xlabel: str, order: Optional[list] = None) -> None:
@@ -912,6 +926,7 @@ def main(argv: Optional[list] = None) -> int:
             for seed in args.seeds:
                 runs.append(prepare(Run(args.script, flags, seed, label), exp_name))
         check_out(args.out, made_by)
+        check_plotting()
         if args.backend == "ray":
             import_ray(args.ray_address)
     except GridError as e:

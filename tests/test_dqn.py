@@ -103,6 +103,7 @@ def test_discrete_observations_are_one_hot():
 def test_smoke_run_logs_every_scalar(tmp_path):
     result = run_ok("dqn.py", *SHORT, "--cuda", cwd=tmp_path)
     assert "eval:" in result.stdout and "wall time:" in result.stdout
+    assert "evaluating the final network: 2 greedy episodes\neval:" in result.stdout  # announced before it runs
     assert "tensorboard --logdir runs" in result.stdout
     if not torch.cuda.is_available():  # --cuda without a GPU says so in one line, then runs on the CPU
         assert "--cuda: torch finds no GPU" in result.stdout and "device: cpu" in result.stdout
@@ -132,7 +133,9 @@ def test_smoke_save_model_and_demos_then_load_the_agent(tmp_path):
     result = run_ok("dqn.py", "--load-model", str(run_dir / "dqn.pt"), "--eval-episodes", "2", "--save-demos", "again.npy",
                     "--demo-episodes", "1", cwd=tmp_path / "load")
     assert "(loaded)" in result.stdout and "no training" in result.stdout
+    assert "evaluating the loaded agent: 2 greedy episodes" in result.stdout
     loaded_run = only_run_dir(tmp_path / "load")
+    assert loaded_run.name.startswith("CartPole-v1__dqn-replay__1__")  # told apart from the training run
     assert read_scalars(loaded_run)["eval/episodic_return"] == read_scalars(run_dir)["eval/episodic_return"]
     again = np.load(tmp_path / "load" / "again.npy", allow_pickle=True)
     assert [step[1] for step in again[0]] == [step[1] for step in demos[0]]

@@ -99,6 +99,31 @@ def test_summary_ranks_settings_and_counts_unreached_thresholds():
     assert rows[2]["ok"] == 0 and rows[2]["finished"] == 1
 
 
+def test_settings_that_never_reached_the_threshold_rank_below_those_that_did_then_by_return():
+    """The DQfD ablation a user ran: lambda-n=0 never reached the threshold (eval 471.4); the full DQfD did not reach
+    it either on these seeds but evaluated at 500; n-step=1 reached it on every seed though it evaluated lower."""
+    def record(setting, eval_mean, episodes):
+        return {"setting": setting, "seed": 1, "status": "ok", "eval_mean": eval_mean, "sps": 100, "wall_s": 10.0,
+                "measures_threshold": True, "episodes_to_threshold": episodes}
+    records = [record("lambda-n=0", 471.4, None), record("lambda-n=0", 471.4, None),
+               record("full", 500.0, None), record("full", 500.0, None),
+               record("n-step=1", 300.0, 40), record("n-step=1", 300.0, 50)]
+    rows, ranked_by = sweep.rank(sweep.summarize(records, ["lambda-n=0", "full", "n-step=1"]))
+    assert [row["setting"] for row in rows] == ["n-step=1", "full", "lambda-n=0"]
+    assert "then by return" in ranked_by
+
+
+def test_a_sweep_without_matplotlib_is_refused_before_any_run(tmp_path, fake_script):
+    """matplotlib draws the curves after the last run: without it, the sweep says so before the first."""
+    (tmp_path / "no_matplotlib").mkdir()
+    (tmp_path / "no_matplotlib" / "matplotlib.py").write_text("raise ImportError('no matplotlib here')\n")
+    result = subprocess.run([sys.executable, "-m", "benchmark.sweep", str(fake_script), "--grid", "seconds=0",
+                             "--seeds", "1", "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path / "no_matplotlib")}, timeout=60)
+    assert_one_line_error(result, "matplotlib", "benchmark/requirements.txt")
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_settings_without_a_threshold_rank_by_return_then_by_the_lower_quartile():
     def record(setting, eval_mean):
         return {"setting": setting, "seed": 1, "status": "ok", "eval_mean": eval_mean, "sps": 100, "wall_s": 10.0,
