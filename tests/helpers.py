@@ -9,6 +9,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The DQN family's learning test (dqn, double_dqn, dueling_dqn, per_dqn): CartPole-v1 for 20k steps, epsilon decaying
+# over the first 30%, every flag the family shares pinned (so tuning the defaults does not move the test), and a greedy
+# evaluation of 5 episodes every 1000 steps. Each test adds its paper's own flags.
+CARTPOLE_LEARNING = ["--total-timesteps", "20000", "--exploration-fraction", "0.3", "--start-e", "1.0", "--end-e", "0.01",
+                     "--learning-starts", "1000", "--batch-size", "128", "--buffer-size", "50000", "--gamma", "0.99",
+                     "--tau", "0.005", "--target-network-frequency", "1", "--train-frequency", "1", "--hidden-size", "128",
+                     "--huber-delta", "1.0", "--eval-every", "1000", "--eval-every-episodes", "5"]
+
 
 def run_script(script: str, *flags: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python SCRIPT FLAGS...` in `cwd`, as a user would start it; output captured as text."""
@@ -45,3 +53,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> N
     assert len(lines) == 1, result.stderr
     for word in words:
         assert word in lines[0], lines[0]
+
+
+def learning_seed(default: int) -> str:
+    """A learning test's seed: its own, or LEARNING_TEST_SEED's (benchmark/learning_tests.py counts passes over seeds)."""
+    return os.environ.get("LEARNING_TEST_SEED", str(default))
+
+
+def best_greedy_return(run_dir: Path) -> float:
+    """The best of a run's --eval-every greedy evaluations (each the mean return of its episodes)."""
+    return max(value for _, value in read_scalars(run_dir)["eval/periodic_mean_return"])

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 import ddpg
-from helpers import assert_one_line_error, only_run_dir, read_scalars, run_ok, run_script
+from helpers import (assert_one_line_error, best_greedy_return, learning_seed, only_run_dir, read_scalars, run_ok,
+                     run_script)
 
 SHORT = ["--total-timesteps", "400", "--learning-starts", "100", "--eval-episodes", "2"]
 
@@ -168,9 +169,11 @@ def test_contradictory_flags_are_refused(tmp_path):
 
 
 def test_learning_pendulum(tmp_path):
-    """The default DDPG, one fixed seed, 6000 steps (5000 of learning): seed 1 gets -112, a greedy
-    return that random play (about -1200) and a broken learner (the actor loss's sign flipped: -1668)
-    never reach."""
-    result = run_ok("ddpg.py", "--seed", "1", "--total-timesteps", "6000", cwd=tmp_path)
+    """The default DDPG for 6000 steps (5000 of learning): the final network's greedy return reaches -400, and so does
+    the best of the greedy evaluations every 1000 steps; random play returns about -1200 and a broken learner (the actor
+    loss's sign flipped) -1668. On Pendulum the return climbs steadily over these steps (no late drift seen), so the
+    final network is asserted too. Passed on PASSES of seeds 1-20 (`python -m benchmark.learning_tests --tests
+    test_ddpg`)."""
+    result = run_ok("ddpg.py", "--total-timesteps", "6000", "--eval-every", "1000", "--seed", learning_seed(1), cwd=tmp_path)
     eval_returns = [value for _, value in read_scalars(only_run_dir(tmp_path))["eval/episodic_return"]]
-    assert np.mean(eval_returns) >= -400, result.stdout
+    assert np.mean(eval_returns) >= -400 and best_greedy_return(only_run_dir(tmp_path)) >= -400, result.stdout

@@ -6,12 +6,12 @@ Flags, logging, --save-model, --save-demos and bad input are shared with dqn.py 
 import subprocess
 import sys
 
-import numpy as np
 import torch
 
 import double_dqn
 import dqn
-from helpers import ROOT, assert_one_line_error, only_run_dir, read_scalars, run_ok, run_script
+from helpers import (CARTPOLE_LEARNING, ROOT, assert_one_line_error, best_greedy_return, learning_seed, only_run_dir,
+                     read_scalars, run_ok, run_script)
 
 # Runs a script under a trace hook that stops at every call of the script's own td_target and checks, against the
 # caller's q_network and target_network, whose Q-values it was handed; prints "calls N online N target N differ N".
@@ -100,10 +100,11 @@ def test_box_action_space_is_refused(tmp_path):
 
 
 def test_learning_cartpole(tmp_path):
-    """test_dqn.py's learning flags (20k steps, epsilon decaying over the first 30%): a greedy return that random
-    play (about 22) and a broken learner never reach. Seeds 1, 2 and 3 measured 500, 140.1 and 500 (mean of 10
-    greedy episodes; a 20k-step run is short of the default 50k): the test uses seed 1."""
-    flags = ["--seed", "1", "--total-timesteps", "20000", "--exploration-fraction", "0.3"]
-    result = run_ok("double_dqn.py", *flags, cwd=tmp_path)
-    eval_returns = [value for _, value in read_scalars(only_run_dir(tmp_path))["eval/episodic_return"]]
-    assert np.mean(eval_returns) >= 250, result.stdout
+    """Double DQN for 20k steps: the best of the greedy evaluations every 1000 steps reaches 150, where random play returns
+    about 22 and the same run with nothing learned (--learning-rate 1e-12) at most NOLEARN. The best evaluation, not the
+    final one: CartPole's greedy return often climbs within a few thousand steps and then sinks to a plateau of 100 to
+    200 (the late drift, benchmark/README.md), so a short run's final network is one point of a noisy curve, and
+    another CPU's float kernels, like another seed, pick another point. Passed on PASSES of seeds 1-20
+    (`python -m benchmark.learning_tests --tests test_double_dqn`)."""
+    result = run_ok("double_dqn.py", *CARTPOLE_LEARNING, "--learning-rate", "5e-4", "--seed", learning_seed(1), cwd=tmp_path)
+    assert best_greedy_return(only_run_dir(tmp_path)) >= 150, result.stdout

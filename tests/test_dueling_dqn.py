@@ -4,11 +4,11 @@ Flags, logging, --save-demos and bad input are shared with dqn.py and tested in 
 """
 
 import gymnasium as gym
-import numpy as np
 import torch
 
 import dueling_dqn
-from helpers import assert_one_line_error, only_run_dir, read_scalars, run_ok, run_script
+from helpers import (CARTPOLE_LEARNING, assert_one_line_error, best_greedy_return, learning_seed, only_run_dir,
+                     read_scalars, run_ok, run_script)
 
 
 def hand_set_network(advantage_shift: float) -> dueling_dqn.QNetwork:
@@ -67,11 +67,12 @@ def test_negative_max_grad_norm_is_refused(tmp_path):
 
 
 def test_learning_cartpole(tmp_path):
-    """The script's default learning rate (2.5e-4) with test_dqn.py's short flags (seed 2, 20k steps, epsilon
-    decaying over the first 30%): a greedy return that random play (about 22) and a broken learner never
-    reach. Measured: 165.8 on seed 2 and 169.6 on seed 1 (mean of 10 greedy episodes; a 20k-step run is short
-    of the default 50k)."""
-    flags = ["--seed", "2", "--total-timesteps", "20000", "--exploration-fraction", "0.3"]
-    result = run_ok("dueling_dqn.py", *flags, cwd=tmp_path)
-    eval_returns = [value for _, value in read_scalars(only_run_dir(tmp_path))["eval/episodic_return"]]
-    assert np.mean(eval_returns) >= 120, result.stdout
+    """Dueling DQN for 20k steps, at its own step size and clipping: the best of the greedy evaluations every 1000 steps reaches 150, where random play returns
+    about 22 and the same run with nothing learned (--learning-rate 1e-12) at most NOLEARN. The best evaluation, not the
+    final one: CartPole's greedy return often climbs within a few thousand steps and then sinks to a plateau of 100 to
+    200 (the late drift, benchmark/README.md), so a short run's final network is one point of a noisy curve, and
+    another CPU's float kernels, like another seed, pick another point. Passed on PASSES of seeds 1-20
+    (`python -m benchmark.learning_tests --tests test_dueling_dqn`)."""
+    result = run_ok("dueling_dqn.py", *CARTPOLE_LEARNING, "--learning-rate", "2.5e-4", "--max-grad-norm", "10",
+                    "--seed", learning_seed(2), cwd=tmp_path)
+    assert best_greedy_return(only_run_dir(tmp_path)) >= 150, result.stdout
