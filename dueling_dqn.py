@@ -8,6 +8,7 @@ Run:  python dueling_dqn.py --env-id CartPole-v1 --seed 1
 """
 
 import atexit
+import copy
 import dataclasses
 import glob
 import importlib.util
@@ -464,7 +465,7 @@ def open_outputs(args: Args, run_name: str) -> tuple:
         fail(f"cannot write the run's log to runs/{run_name}: {e.strerror}.")
     atexit.register(writer.close)
     model_path = f"runs/{run_name}/{args.exp_name}.pt" if args.save_model and not args.load_model else None
-    if model_path and (os.path.lexists(model_path) or os.path.lexists(model_path + ".tmp")):
+    if model_path and glob.glob(glob.escape(model_path[: -len(".pt")]) + "*"):  # the agent, the best agent, a .tmp
         fail(f"{model_path} already exists; --save-model never overwrites it.")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"logging to runs/{run_name}")
@@ -486,9 +487,32 @@ def save_demos(q_network: nn.Module, args: Args, device: torch.device) -> None:
         print(f"demo episode {episode}: return {sum(step[2] for step in steps):.1f}, {len(steps)} steps")
 
 
-def summary(args: Args, eval_returns: list, wall_time: float, train_time: float, run_name: str, model_path: Optional[str]):
+def keep_best(best: Optional[dict], mean_return: float, step: int, networks: dict) -> dict:
+    """The networks' weights at their best periodic evaluation so far."""
+    if best is None or mean_return > best["return"]:
+        return {"return": mean_return, "step": step, "weights": {name: copy.deepcopy(network.state_dict())
+                                                                 for name, network in networks.items()}}
+    return best
+
+
+def save_best(best: dict, networks: dict, args: Args, env: gym.Env, model_path: str, eval_env: gym.Env, device) -> str:
+    """The best periodic agent, saved beside the final one; it and the final network evaluated on episodes seeded
+    --seed + 3, which chose neither (the periodic evaluations that chose it were seeded --seed + 1)."""
+    policy, path = next(iter(networks.values())), model_path[: -len(".pt")] + "-best.pt"
+    final_returns = evaluate(policy, eval_env, args.eval_episodes, args.seed + 3, device)
+    for name, network in networks.items():
+        network.load_state_dict(best["weights"][name])
+    best_returns = evaluate(policy, eval_env, args.eval_episodes, args.seed + 3, device)
+    save_agent(path, args, env, networks)
+    return (f"best agent: {np.mean(best_returns):.1f} ± {np.std(best_returns):.1f} over {args.eval_episodes} greedy episodes "
+            f"seeded --seed + 3 (the final network: {np.mean(final_returns):.1f}), from step {best['step']}; saved to {path}")
+
+
+def summary(args: Args, eval_returns: list, best_line: Optional[str], wall_time: float, train_time: float, run_name: str, model_path: Optional[str]):
     """The last lines a run prints: its evaluation, its time, and where its log, model, video and demos are."""
     print(f"eval: {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over {args.eval_episodes} greedy episodes")
+    if best_line:
+        print(best_line)
     print(f"wall time: {wall_time:.1f} s" + (f" ({int(args.total_timesteps / train_time)} steps/s in training)" if train_time else ""))
     print(f"run: runs/{run_name}  (see it: tensorboard --logdir runs)")
     print(f"model: {args.load_model} (loaded)" if args.load_model else "model: not saved (add --save-model)" if not model_path
@@ -524,8 +548,9 @@ if __name__ == "__main__":
     env, eval_env, periodic_eval_env = make_envs(args, action_seed, run_name, agent)
 
     q_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
+    networks = {"q_network": q_network}  # what --save-model saves and --load-model loads
     if agent:
-        load_weights(agent, {"q_network": q_network}, args.load_model)
+        load_weights(agent, networks, args.load_model)
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)  # fused: one kernel per step
     target_network = QNetwork(env.observation_space, int(env.action_space.n), args.hidden_size).to(device)
     target_network.load_state_dict(q_network.state_dict())
@@ -533,7 +558,7 @@ if __name__ == "__main__":
     writer, model_path = open_outputs(args, run_name)
 
     start_time = time.time()
-    recent_returns = []
+    recent_returns, best = [], None
     progress_every = max(args.total_timesteps // 10, 1)
     obs, _ = env.reset(seed=args.seed)
     episode_return, episode_length = 0.0, 0
@@ -595,6 +620,8 @@ if __name__ == "__main__":
             periodic_returns = evaluate(q_network, periodic_eval_env, args.eval_every_episodes, args.seed + 1, device)
             writer.add_scalar("eval/periodic_mean_return", np.mean(periodic_returns), global_step)
             writer.add_scalar("eval/periodic_std_return", np.std(periodic_returns), global_step)
+            if model_path:  # --save-model also keeps the best of these agents, as SB3's EvalCallback does
+                best = keep_best(best, np.mean(periodic_returns), global_step, networks)
 
         if global_step % progress_every == 0:
             recent = f"{np.mean(recent_returns):8.1f}" if recent_returns else "       -"
@@ -608,11 +635,12 @@ if __name__ == "__main__":
         writer.add_scalar("eval/episodic_return", episode_return, episode)
     if model_path:
         try:
-            save_agent(model_path, args, env, {"q_network": q_network})
+            save_agent(model_path, args, env, networks)
         except OSError as e:
             fail(f"cannot save the model to {model_path}: {e.strerror}.")
     if args.save_demos:
         save_demos(q_network, args, device)
+    best_line = best and save_best(best, networks, args, env, model_path, periodic_eval_env, device)
     eval_env.close()  # finishes the video
     writer.close()
-    summary(args, eval_returns, time.time() - start_time, None if agent else train_time, run_name, model_path)
+    summary(args, eval_returns, best_line, time.time() - start_time, None if agent else train_time, run_name, model_path)

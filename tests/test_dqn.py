@@ -199,3 +199,23 @@ def test_existing_demo_path_is_never_overwritten(tmp_path):
     result = run_script("dqn.py", *SHORT, "--save-demos", "demo.npy", cwd=tmp_path)
     assert_one_line_error(result, "demo.npy")
     assert (tmp_path / "demo.npy").read_bytes() == b"the user's file"
+
+
+def test_save_model_with_eval_every_keeps_the_best_periodic_agent_beside_the_final_one(tmp_path):
+    """The agent of the best periodic evaluation is saved as dqn-best.pt and reported on episodes that did not choose
+    it; replayed with --load-model, it repeats both its periodic evaluation and the reported figure exactly."""
+    result = run_ok("dqn.py", "--total-timesteps", "3000", "--learning-starts", "500", "--eval-every", "1000",
+                    "--eval-episodes", "3", "--save-model", cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    periodic = read_scalars(run_dir)["eval/periodic_mean_return"]
+    best_step, best_return = max(periodic, key=lambda point: point[1])  # the first of equal bests
+    best_line = next(line for line in result.stdout.splitlines() if line.startswith("best agent: "))
+    assert best_line.endswith(f"from step {best_step}; saved to runs/{run_dir.name}/dqn-best.pt"), best_line
+    reported = float(best_line.split()[2])
+    replays = {}
+    for seed, episodes in [("1", "5"), ("3", "3")]:  # the periodic evaluation's episodes (seed + 1); the report's (1 + 3)
+        (tmp_path / seed).mkdir()
+        run_ok("dqn.py", "--load-model", str(run_dir / "dqn-best.pt"), "--seed", seed, "--eval-episodes", episodes,
+               cwd=tmp_path / seed)
+        replays[seed] = np.mean([value for _, value in read_scalars(only_run_dir(tmp_path / seed))["eval/episodic_return"]])
+    assert replays["1"] == pytest.approx(best_return) and replays["3"] == pytest.approx(reported, abs=0.05)
