@@ -42,6 +42,7 @@ import signal
 import stat
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -389,38 +390,30 @@ def record_demos(q_network: nn.Module, env: gym.Env, episodes: int, seed: int, d
 
 
 MAX_DEMO_BYTES = 2**26  # 64 MiB, about 600,000 CartPole transitions: a larger file is refused unread
-# A state or reward beyond this is refused: on CartPole-v1 the first loss became inf with states of 1e39 (past
-# float32's 3.4e38) or rewards of 1e38 (their n-step sums overflow), and stayed finite up to 1e37.
-LARGEST_DEMO_VALUE = 1e30
-NUMERIC_DTYPES = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"}
-# The pickle opcodes numpy.save writes (protocols 3 to 5): only REDUCE and BUILD call anything, the code below.
-PICKLE_OPCODES = {"PROTO", "FRAME", "STOP", "MARK", "MEMOIZE", "BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET",
-                  "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "SHORT_BINUNICODE",
-                  "BINUNICODE", "SHORT_BINBYTES", "BINBYTES", "BYTEARRAY8", "EMPTY_LIST", "APPEND", "APPENDS",
-                  "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD"}
+MAX_DEMO_TRANSITIONS = 100_000  # the most episodes, and steps, a file may give: counted before any is read
+LARGEST_DEMO_VALUE = 1e30  # on CartPole-v1, states of 1e39 or rewards of 1e38 made the first loss inf; 1e37 did not
+NUMERIC_DTYPES = set("b1 i1 i2 i4 i8 u1 u2 u4 u8 f2 f4 f8".split())  # look up only a str: a deep tuple's hash crashes
+PICKLE_OPCODES = set("PROTO FRAME STOP MARK MEMOIZE BINPUT LONG_BINPUT BINGET LONG_BINGET NONE NEWTRUE NEWFALSE BININT "
+                     "BININT1 BININT2 LONG1 BINFLOAT SHORT_BINUNICODE BINUNICODE SHORT_BINBYTES BINBYTES BYTEARRAY8 "
+                     "EMPTY_LIST APPEND APPENDS EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 GLOBAL STACK_GLOBAL REDUCE BUILD".split())
 
 
 class Refused(Exception):
-    """A pickle that asks for something a demonstration file never needs."""
+    """A file that asks for something a demonstration file never needs, or for more than dqfd.py reads."""
 
 
-def numeric_array(data, dtype, shape, fortran=False) -> np.ndarray:
+def numeric_array(data, dtype: np.dtype, shape, fortran=False) -> np.ndarray:
     """Numbers read by np.frombuffer from `data`, which must hold exactly the bytes `shape` and `dtype` need."""
-    dtype = unwrap(dtype)
-    if not (isinstance(dtype, np.dtype) and dtype.str[1:] in NUMERIC_DTYPES and isinstance(data, (bytes, bytearray))
-            and isinstance(shape, tuple) and len(shape) <= 64  # numpy's limit: the product of a million takes minutes
-            and all(type(n) is int and n >= 0 for n in shape) and len(data) == math.prod(shape) * dtype.itemsize):
-        raise ValueError("an array's data does not match its shape and dtype")
-    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+    if not (isinstance(dtype, np.dtype) and dtype.str[1:] in NUMERIC_DTYPES and all(type(n) is int and n >= 0 for n in shape)):
+        raise ValueError("an array of something other than numbers, or of a negative shape")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")  # numpy checks every size
 
 
-class Unpickled:
-    """An array or dtype that a pickle makes, built by `build` from the plain values of BUILD's state, not numpy."""
+class Unpickled(types.SimpleNamespace):
+    """An array or dtype that a pickle makes, built by `build` from BUILD's state of plain values, never by numpy."""
+    build = value = None
 
-    def __init__(self, build=None, value=None):
-        self.build, self.value = build, value
-
-    def __setstate__(self, state):  # the pickle's BUILD; one on _frombuffer's array (build None) fails
+    def __setstate__(self, state):  # the pickle's BUILD; one on _frombuffer's array (no build) fails
         self.value = self.build(state)
 
 
@@ -430,180 +423,120 @@ def unwrap(value):
 
 
 class DemoUnpickler(pickle.Unpickler):
-    """pickle's unpickler for a pickle of checked opcodes, with numpy's few names mapped to the code here."""
-
-    def __init__(self, data: bytes):
-        super().__init__(io.BytesIO(data))
-        self.data, self.items_left = data, len(data)  # object arrays may copy at most one item per byte of the file
-
-    def load(self):
-        """The pickle's value, once pickletools.genops has read every opcode and checked its length, acting on none."""
-        memo_size = 0
-        for opcode, arg, _ in pickletools.genops(self.data):
-            if opcode.name not in PICKLE_OPCODES:
-                raise Refused(f"uses the opcode {opcode.name}, which numpy.save never writes")
-            if opcode.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT"):  # numbered 0, 1, 2...: a larger number would make
-                if arg not in (None, memo_size):                     # the unpickler allocate a memo that long
-                    raise ValueError("a memo index out of order")
-                memo_size += 1
-        return unwrap(super().load())
+    """pickle's unpickler with numpy's five names mapped to the code here, and no other name."""
+    items_left = 10 * MAX_DEMO_TRANSITIONS  # object arrays' items and the lists tolist() makes: 1 to 6 a transition
 
     def find_class(self, module: str, name: str):
-        imitations = {  # numpy 1.x wrote numpy.core for numpy._core
-            "numpy._core.multiarray._reconstruct": lambda *args: Unpickled(self.array),  # an empty array until BUILD
+        """The code here that stands for one of numpy's five names (numpy 1.x wrote numpy.core); no other name."""
+        imitations = {
+            "numpy._core.multiarray._reconstruct": lambda *args: Unpickled(build=self.array),  # empty until BUILD
             "numpy.ndarray": "ndarray",  # only an argument of _reconstruct
-            "numpy.dtype": self.dtype,
-            "numpy._core.multiarray.scalar": lambda dtype, data: numeric_array(data, dtype, ()).item(),
+            "numpy.dtype": lambda name, *flags: Unpickled(build=lambda state: np.dtype(name).newbyteorder(state[1])
+                                                          if type(name) is str and name in NUMERIC_DTYPES else None),
+            "numpy._core.multiarray.scalar": lambda dtype, data: numeric_array(data, unwrap(dtype), ()).item(),
             "numpy._core.numeric._frombuffer": lambda data, dtype, shape, order: Unpickled(
-                value=numeric_array(data, dtype, shape, order == "F")),
-        }
+                value=numeric_array(data, unwrap(dtype), shape, order == "F"))}
         full_name = f"{module.replace('numpy.core.', 'numpy._core.')}.{name}"
         if full_name not in imitations:
-            raise Refused(f"asks for {' '.join(full_name[:80].split())}, which a demonstration file never needs "
-                          f"and which could run code")
+            raise Refused(f"its pickle asks for {' '.join(full_name[:80].split())}, which could run code")
         return imitations[full_name]
-
-    def dtype(self, name, *flags) -> Unpickled:
-        if not (isinstance(name, str) and (name in NUMERIC_DTYPES or name == "O8")):
-            raise Refused(f"asks for the dtype {brief(name)}, but demonstrations are numbers")
-        return Unpickled(lambda state: np.dtype(name).newbyteorder(state[1]))  # state: (version, byte order, ...)
 
     def array(self, state):
         """An array from its state (version, shape, dtype, fortran, data); an object array as nested lists."""
         _, shape, dtype, fortran, data = state
         if type(data) is not list:  # numpy pickles an object array's items as a list, in C order even when Fortran
-            return numeric_array(data, dtype, shape, fortran)
-        items = np.fromiter(data, object, len(data)).reshape(shape)  # numpy checks the shape
-        self.items_left -= items.size + math.prod(max(n, 1) for n in items.shape[:-1])  # and the lists .tolist() makes
-        if self.items_left < 0:  # a list shared by many arrays must not multiply the work
-            raise Refused("builds more items than its size allows")
-        return items.tolist()  # not an object array: numpy frees arrays inside arrays recursively, a crash when deep
+            return numeric_array(data, unwrap(dtype), shape, fortran)
+        items = np.fromiter(data, object, len(data)).reshape(shape)
+        self.items_left -= items.size + math.prod(max(n, 1) for n in items.shape[:-1])  # and the lists tolist() makes
+        if self.items_left < 0:  # a list shared by many arrays, or a zero inside a shape, multiplies them
+            raise Refused(f"its object arrays hold more than the {10 * MAX_DEMO_TRANSITIONS} items that dqfd.py reads")
+        return items.tolist()  # lists, whose items as_numbers checks one by one: numpy's astype takes a str
 
 
-def read_npy(path: str) -> tuple:
-    """The contents of a .npy file and its size in bytes, read without running code or believing a size it claims."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise ValueError(f"the demonstration path {path} is not a regular file (a directory, FIFO, socket or device).")
-    try:  # O_NONBLOCK: a FIFO put in the file's place since the check cannot make open() wait for a writer
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size > MAX_DEMO_BYTES:
-                raise ValueError(f"the demonstration file {path} has {size} bytes, more than the {MAX_DEMO_BYTES} "
-                                 f"(MAX_DEMO_BYTES) that dqfd.py reads.")
-            contents = io.BytesIO(file.read(size))
-    except FileNotFoundError:
-        raise ValueError(f"the demonstration file {path} does not exist; record one with "
-                         f"`python dqn.py --save-demos {path}` or pass --demo-path.")
-    except OSError as error:
-        raise ValueError(f"the demonstration file {path} cannot be read ({error.strerror}).")
+def read_npy(path: str):
+    """The array or pickled value a .npy file holds, read without running code or believing a size it claims."""
     try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_DEMO_BYTES:
+            raise Refused(f"it is not a regular file of at most {MAX_DEMO_BYTES} bytes (MAX_DEMO_BYTES)")
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:  # a FIFO put in its place does not block
+            contents = io.BytesIO(file.read(info.st_size))
         read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         shape, fortran, dtype = read_header[np.lib.format.read_magic(contents)](contents)
-    except (ValueError, KeyError, RecursionError):
-        raise ValueError(f"{path} is not a .npy file numpy.save can write (its header is unreadable).")
-    if not dtype.hasobject and dtype.str[1:] not in NUMERIC_DTYPES:
-        raise ValueError(f"{path} holds an array of {dtype}, but demonstrations are numbers.")
-    try:
-        if dtype.hasobject:
-            return DemoUnpickler(contents.read()).load(), size
-        return numeric_array(contents.read(math.prod(shape) * dtype.itemsize), dtype, shape, fortran), size
+        if math.prod(shape[:2]) > MAX_DEMO_TRANSITIONS:  # its episodes, or steps: counted before anything is parsed
+            raise Refused(f"its header claims more than the {MAX_DEMO_TRANSITIONS} episodes or steps that dqfd.py reads")
+        if not dtype.hasobject:
+            return numeric_array(contents.read(), dtype, shape, fortran)
+        data = contents.read()  # every opcode read, counted and checked before the unpickler acts on any
+        for opcodes, (opcode, arg, _) in enumerate(pickletools.genops(data), 1):
+            if opcodes > 100 * MAX_DEMO_TRANSITIONS:  # numpy.save writes 47 to 65 for a CartPole transition
+                raise Refused(f"its pickle is longer than the {100 * MAX_DEMO_TRANSITIONS} opcodes that dqfd.py reads")
+            if opcode.name not in PICKLE_OPCODES:  # numpy.save's: only REDUCE and BUILD call anything, the code above
+                raise Refused(f"its pickle uses the opcode {opcode.name}, which numpy.save never writes")
+            if "PUT" in opcode.name and arg > opcodes:  # the unpickler would allocate a memo that long
+                raise ValueError("a memo index larger than the pickle")
+        return DemoUnpickler(io.BytesIO(data)).load()
     except Refused as error:
-        raise ValueError(f"{path} was refused: its pickle {error}.")
-    except Exception:  # whatever else a malformed pickle makes the unpickler raise
-        raise ValueError(f"{path} is truncated or corrupt: its {'pickle' if dtype.hasobject else 'array data'} cannot be read.")
+        raise ValueError(f"{path} was refused: {error}.")
+    except OSError as error:
+        raise ValueError(f"cannot read {path} ({error.strerror}); record one with `python dqn.py --save-demos {path}`.")
+    except Exception:  # a header, dtype, pickle or array data that numpy.save does not write
+        raise ValueError(f"{path} is truncated or corrupt, or not a .npy file of numbers as numpy.save writes one.")
 
 
-def is_sequence(value) -> bool:
-    """A list, a tuple or an array with at least one dimension (a 0-d array has no items)."""
-    return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0)
-
-
-def as_numbers(value, shape: tuple) -> Optional[np.ndarray]:
-    """`value` as a float64 array of `shape`, or None when it is anything else; nothing larger is ever converted."""
+def sequence(value, where: str, what: str, length=None):
+    """`value` when it is a list, a tuple or an array of at least one dimension (of `length` items), else ValueError."""
     value = unwrap(value)
-    if isinstance(value, np.ndarray):
-        return value.astype(np.float64) if value.shape == shape else None
-    if shape == () and isinstance(value, (int, float, np.integer, np.floating, np.bool_)):
+    if (isinstance(value, (list, tuple)) or isinstance(value, np.ndarray) and value.ndim > 0) and length in (None, len(value)):
+        return value
+    raise ValueError(f"{where} is not {what}.")
+
+
+def as_numbers(value, shape: tuple, where: str) -> np.ndarray:
+    """`value` as a float64 array of `shape`, else ValueError; nothing larger than `shape` is ever converted."""
+    value = unwrap(value)
+    if isinstance(value, np.ndarray) and value.shape == shape:
+        return value.astype(np.float64)
+    if shape == () and isinstance(value, (int, float, np.integer, np.floating, np.bool_)):  # a huge int: inf, refused
         return np.array(float(value) if not isinstance(value, int) or abs(value) < 2**1000 else np.inf)
     if shape and isinstance(value, (list, tuple)) and len(value) == shape[0]:
-        rows = [as_numbers(item, shape[1:]) for item in value]
-        return None if any(row is None for row in rows) else np.array(rows)
-    return None
-
-
-def brief(value) -> str:
-    """A value on one short line for an error message; a sequence only by its kind and size (it may nest deep)."""
-    value = unwrap(value)
-    if isinstance(value, np.ndarray):
-        return f"an array of shape {value.shape}"
-    if isinstance(value, (list, tuple)):
-        return f"a {type(value).__name__} of length {len(value)}"
-    text = " ".join(repr(value[:60] if isinstance(value, (str, bytes, bytearray)) else value).split())
-    return text if len(text) <= 60 else text[:57] + "..."
+        return np.array([as_numbers(item, shape[1:], where) for item in value])
+    kind = (f"an array of shape {value.shape}" if isinstance(value, np.ndarray) else  # told by its size: it may nest deep
+            f"a {type(value).__name__} of length {len(value)}" if isinstance(value, (list, tuple)) else repr(value)[:60])
+    raise ValueError(f"{where} is {kind}, not {f'numbers of shape {shape}' if shape else 'a number'}.")
 
 
 def load_demonstrations(path: str, observation_space: gym.Space, action_space: gym.spaces.Discrete) -> dict:
-    """Read the course's demonstration layout and check it against the environment.
-
-    The file holds an array of episodes (a 1-D object array, or the 3-D one np.array makes from equal lengths), each
-    a sequence of steps [state, action, reward, next_state, done], lists, tuples or arrays alike; done is gymnasium's
-    `terminated`, so an episode ending in done False was cut by a time limit and bootstraps. Returns flat arrays of
-    the transitions in order, `episode_ends` marking each episode's last step. A problem raises ValueError in one
-    sentence naming the episode and step; states outside the observation space's bounds get one warning on stderr.
-    """
-    episodes, size = read_npy(path)
-    shape, is_discrete = observation_space.shape, isinstance(observation_space, gym.spaces.Discrete)
-    if not is_sequence(episodes):
-        raise ValueError(f"{path} holds {brief(episodes)}, not an array of episodes.")
-    # An honest file spends a byte or more on each number it gives, but a pickle can repeat an episode by reference
-    # a million times in a few bytes, and an array can have 10^15 empty rows: read at most 2 numbers a byte.
-    too_many = ValueError(f"{path} was refused: it gives more episodes or steps than its {size} bytes could hold.")
-    if len(episodes) > 2 * size:
-        raise too_many
-    episodes = [unwrap(episode) for episode in episodes]
-    steps = sum(len(episode) for episode in episodes if is_sequence(episode))
-    if len(episodes) + steps * (2 * math.prod(shape) + 3) > 2 * size:
-        raise too_many
+    """The transitions of a .npy file of episodes of [state, action, reward, next_state, done] steps, as flat arrays;
+    a problem is one ValueError naming its episode and step, states outside the bounds one warning on stderr."""
+    episodes = sequence(read_npy(path), path, "an array of episodes")[:MAX_DEMO_TRANSITIONS + 1]
+    episodes = [sequence(episode, f"{path}: episode {e}", "a sequence of steps") for e, episode in enumerate(episodes)]
+    if not 0 < sum(map(len, episodes)) <= MAX_DEMO_TRANSITIONS or len(episodes) > MAX_DEMO_TRANSITIONS:
+        raise ValueError(f"{path} was refused: it gives no transitions, or more than the {MAX_DEMO_TRANSITIONS} episodes "
+                         f"or steps (MAX_DEMO_TRANSITIONS) that dqfd.py reads.")
+    fields = [("state", observation_space), ("action", action_space), ("reward", gym.spaces.Box(-np.inf, np.inf, ())),
+              ("next_state", observation_space), ("done", gym.spaces.Discrete(2))]
     rows, outside = [], []
     for e, episode in enumerate(episodes):
-        if not is_sequence(episode):
-            raise ValueError(f"{path}: episode {e} is {brief(episode)}, not a sequence of steps.")
-        for t, step in enumerate(map(unwrap, episode)):
+        for t, step in enumerate(episode):
             where = f"{path}: episode {e}, step {t}"
-            if not is_sequence(step) or len(step) != 5:
-                raise ValueError(f"{where} is not a [state, action, reward, next_state, done] step.")
-            row = [as_numbers(value, value_shape) for value, value_shape in zip(step, [shape, (), (), shape, ()])]
-            state, action, reward, next_state, done = row
-            for name, obs, value in [("state", state, step[0]), ("next_state", next_state, step[3])]:
-                if obs is None:
-                    raise ValueError(f"{where}: the {name} is {brief(value)}, but the environment's observations "
-                                     f"are numbers of shape {shape}.")
-                if not (np.abs(obs) <= LARGEST_DEMO_VALUE).all():
-                    raise ValueError(f"{where}: the {name} holds {obs[~(np.abs(obs) <= LARGEST_DEMO_VALUE)][0]}, "
+            step = sequence(step, where, "a [state, action, reward, next_state, done] step", length=5)
+            row = [as_numbers(value, space.shape, f"{where}: the {name}") for value, (name, space) in zip(step, fields)]
+            for numbers, (name, space) in zip(row, fields):
+                if not (np.abs(numbers) <= LARGEST_DEMO_VALUE).all():
+                    raise ValueError(f"{where}: the {name} holds {numbers[~(np.abs(numbers) <= LARGEST_DEMO_VALUE)][0]}, "
                                      f"not a finite number within ±{LARGEST_DEMO_VALUE:g}.")
-                if is_discrete and (obs != int(obs) or not observation_space.contains(int(obs))):
-                    raise ValueError(f"{where}: the {name} {obs.item()} is not in the observation space {observation_space}.")
-                if not is_discrete and ((obs < observation_space.low) | (obs > observation_space.high)).any():
+                if isinstance(space, gym.spaces.Discrete) and (numbers != int(numbers) or not space.contains(int(numbers))):
+                    raise ValueError(f"{where}: the {name} {numbers.item():g} is not in the space {space}.")
+                if isinstance(space, gym.spaces.Box) and ((numbers < space.low) | (numbers > space.high)).any():
                     outside.append(f"{where}: the {name}")
-            if (action is None or not np.isfinite(action) or action != int(action)
-                    or not action_space.contains(int(action))):
-                raise ValueError(f"{where}: the action {brief(step[1])} is not in the action space {action_space}.")
-            if reward is None or not abs(reward) <= LARGEST_DEMO_VALUE:
-                raise ValueError(f"{where}: the reward {brief(step[2])} is not a finite number within "
-                                 f"±{LARGEST_DEMO_VALUE:g}.")
-            if done is None or done not in (0, 1):
-                raise ValueError(f"{where}: done {brief(step[4])} is not a bool.")
-            rows.append(row + [t == len(episode) - 1])
-    if not rows:
-        raise ValueError(f"{path} holds no transitions; it needs at least one step.")
+            rows.append(row + [t == len(episode) - 1 or row[4] > 0])  # a termination ends an episode even inside a list
     if outside:
         print(f"warning: {outside[0]} lies outside the observation space's bounds; {len(outside)} of the "
               f"{2 * len(rows)} states do, and training goes on.", file=sys.stderr)
-    names = ["observations", "actions", "rewards", "next_observations", "terminations", "episode_ends"]
-    dtypes = [observation_space.dtype, np.int64, np.float32, observation_space.dtype, np.float32, bool]
-    demos = {name: np.array(column, dtype) for name, column, dtype in zip(names, zip(*rows), dtypes)}
-    demos["episode_ends"] |= demos["terminations"] > 0  # a termination ends an episode even inside a list
-    return demos
+    dtypes = {"observations": observation_space.dtype, "actions": np.int64, "rewards": np.float32,
+              "next_observations": observation_space.dtype, "terminations": np.float32, "episode_ends": bool}
+    return {name: np.array(column, dtype) for (name, dtype), column in zip(dtypes.items(), zip(*rows))}
 
 
 def read_demonstrations(args: Args, env: gym.Env) -> dict:
@@ -767,7 +700,8 @@ def fail(message: str) -> None:
 
 def stop(signum: int, frame) -> None:
     """Ctrl-C and SIGTERM: one line and exit code 128 + signum; the exit closes (flushes) the TensorBoard log."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the cleanup
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the cleanup
     print(f"stopped by {signal.Signals(signum).name}; the TensorBoard log keeps what was logged so far", file=sys.stderr)
     sys.exit(128 + signum)
 

@@ -308,7 +308,8 @@ def fail(message: str) -> None:
 
 def stop(signum: int, frame) -> None:
     """Ctrl-C and SIGTERM: one line and exit code 128 + signum; the exit closes (flushes) the TensorBoard log."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the cleanup
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the cleanup
     print(f"stopped by {signal.Signals(signum).name}; the TensorBoard log keeps what was logged so far", file=sys.stderr)
     sys.exit(128 + signum)
 

@@ -196,16 +196,18 @@ def lists_nested_deep(folder):
 
 
 def object_arrays_nested_deep(folder):
-    # 10,000 object arrays of one item, each inside the one before: numpy frees them recursively (a segfault).
+    # 100,000 object arrays of one item, each inside the one before: numpy frees its own recursively (a segfault at 20,000)
     starts = object_array_start(tuple_of(integer(1)), first=True) + pickle.EMPTY_LIST
-    starts += (object_array_start(b"", first=False) + pickle.EMPTY_LIST) * 9_999
-    body = starts + pickle.NONE + (pickle.APPEND + pickle.TUPLE + pickle.BUILD) * 10_000
+    starts += (object_array_start(b"", first=False) + pickle.EMPTY_LIST) * 99_999
+    body = starts + pickle.NONE + (pickle.APPEND + pickle.TUPLE + pickle.BUILD) * 100_000
     return npy(folder / "deep_arrays.npy", pickle.PROTO + b"\x04" + body + pickle.STOP)
 
 
 def tuples_nested_deep_as_a_dtype(folder):
-    deep_tuple = pickle.EMPTY_TUPLE + pickle.TUPLE1 * 20_000
-    return npy(folder / "deep_tuples.npy", whole(call(name("numpy", "dtype"), deep_tuple, pickle.NEWFALSE, pickle.NEWTRUE)))
+    # numpy.dtype(200,000 tuples, each inside the one before), then its BUILD: looking it up would hash it (a crash)
+    deep_tuple = pickle.EMPTY_TUPLE + pickle.TUPLE1 * 200_000
+    dtype_of_deep_tuple = call(name("numpy", "dtype"), deep_tuple, pickle.NEWFALSE, pickle.NEWTRUE)
+    return npy(folder / "deep_tuples.npy", whole(dtype_of_deep_tuple + tuple_of(integer(3), text("<")) + pickle.BUILD))
 
 
 def state_nested_deep(folder):
@@ -270,6 +272,12 @@ def a_0d_array_of_numbers(folder):
     return saved(folder / "0d_file.npy", np.array(3.0))
 
 
+def a_state_as_an_object_array_of_a_huge_int(folder):
+    # numpy would cast an object array's items itself: a str as a number, and a 2000-bit int fails with OverflowError
+    state = object_array([0.0, 0.0, 0.0, 2**2000])
+    return saved(folder / "huge_int.npy", object_array([[[state, 1, 1.0, np.zeros(4), False]]]))
+
+
 def a_state_of_1e300(folder):
     return saved(folder / "state_1e300.npy", object_array([[step(np.zeros(4)), step([0, 1e300, 0, 0])]]))
 
@@ -296,6 +304,12 @@ def stack_global_of_subprocess(folder):
     return npy(folder / "stack_global.npy", pickle.PROTO + b"\x04" + body + pickle.STOP)
 
 
+def a_name_with_line_breaks(folder):
+    # STACK_GLOBAL takes any string: one with line breaks must not break the one-line refusal
+    body = text("os\n\nimport") + text("system\n") + pickle.STACK_GLOBAL + tuple_of(text(TOUCH_CANARY)) + pickle.REDUCE
+    return npy(folder / "line_breaks.npy", pickle.PROTO + b"\x04" + body + pickle.STOP)
+
+
 def a_truncated_pickle(folder):
     whole_file = (ROOT / "demo_traj_2.npy").read_bytes()
     path = folder / "truncated.npy"
@@ -303,26 +317,57 @@ def a_truncated_pickle(folder):
     return str(path)
 
 
+def a_deep_tuple_in_a_set(folder):
+    # a set hashes its items: 200,000 tuples, each inside the one before, crash it (sets are no opcodes numpy writes)
+    deep_tuple = pickle.EMPTY_TUPLE + pickle.TUPLE1 * 200_000
+    return npy(folder / "deep_set.npy", pickle.PROTO + b"\x04" + pickle.EMPTY_SET + pickle.MARK + deep_tuple
+               + pickle.ADDITEMS + pickle.STOP)
+
+
+def a_memo_index_of_2_to_the_31(folder):
+    # LONG_BINPUT 2^31: the unpickler would grow its memo to 2^32 entries (32 GB) and fill them
+    return npy(folder / "memo.npy", whole(pickle.NONE + pickle.LONG_BINPUT + struct.pack("<I", 2**31)))
+
+
+def a_million_one_step_episodes_sharing_their_step(folder):
+    # 10^6 references to one episode of one step (2 MB)
+    return saved(folder / "million_shared.npy", object_array([[step(np.zeros(4))]] * 10**6))
+
+
+def a_million_one_step_episodes(folder):
+    # 10^6 episodes, each a step of its own sharing two state arrays (23 MB): the first loader read them all, 48 s
+    # of CPU, before the replay buffer refused them; the header tells their number
+    state = np.zeros(4)
+    return saved(folder / "million.npy", object_array([[[state, 1, 1.0, state, False]] for _ in range(10**6)]))
+
+
+def a_million_one_step_episodes_in_a_list(folder):
+    # the same episodes in a plain list, which np.save writes as a 0-d object array: only the pickle tells their number
+    state, episodes = np.zeros(4), np.empty((), dtype=object)
+    episodes[()] = [[[state, 1, 1.0, state, False]] for _ in range(10**6)]
+    return saved(folder / "million_list.npy", episodes)
+
+
 # (kind, the words its one-sentence refusal must contain)
 CRAFTED = [
     (forged_object_dtype_through_frombuffer, "truncated or corrupt"),
     (forged_dtype_flags, "truncated or corrupt"),
     (zero_stride_ndarray, "truncated or corrupt"),
-    (header_claims_a_huge_shape, "truncated or corrupt"),
+    (header_claims_a_huge_shape, "its header claims more than the 100000 episodes or steps"),
     (pickle_claims_a_huge_shape, "truncated or corrupt"),
     (a_shape_of_200_000_dimensions, "truncated or corrupt"),
-    (zero_width_rows, "more episodes or steps than its"),
-    (episodes_repeated_by_reference, "more episodes or steps than its"),
-    (object_arrays_sharing_one_list, "builds more items than its size allows"),
-    (a_zero_in_the_middle_of_a_shape, "builds more items than its size allows"),
+    (zero_width_rows, "it gives no transitions, or more than the 100000 episodes or steps"),
+    (episodes_repeated_by_reference, "it gives no transitions, or more than the 100000 episodes"),
+    (object_arrays_sharing_one_list, "its object arrays hold more than the 1000000 items"),
+    (a_zero_in_the_middle_of_a_shape, "its object arrays hold more than the 1000000 items"),
     (bytearray_of_2_gb, "asks for builtins.bytearray"),
     (length_claims_2_gb, "truncated or corrupt"),
     (header_claims_4_gb, "not a .npy file"),
-    (larger_than_the_limit, "more than the 67108864"),
+    (larger_than_the_limit, "is not a regular file of at most 67108864 bytes"),
     (lists_nested_deep, "episode 0, step 0 is not a [state, action, reward, next_state, done] step"),
     (object_arrays_nested_deep, "episode 0, step 0 is not a [state, action, reward, next_state, done] step"),
-    (tuples_nested_deep_as_a_dtype, "asks for the dtype a tuple of length 1"),
-    (state_nested_deep, "episode 0, step 0: the state is a list of length 1"),
+    (tuples_nested_deep_as_a_dtype, "deep_tuples.npy is not an array of episodes"),
+    (state_nested_deep, "episode 0, step 0: the state is a list of length 1, not numbers of shape (4,)"),
     (header_nested_deep, "not a .npy file"),
     (a_fifo, "is not a regular file"),
     (a_socket, "is not a regular file"),
@@ -331,16 +376,23 @@ CRAFTED = [
     (a_name_too_long, "File name too long"),
     (a_path_through_a_file, "Not a directory"),
     (a_directory, "is not a regular file"),
-    (a_0d_array_as_an_episode, "episode 1 is an array of shape (), not a sequence of steps"),
+    (a_0d_array_as_an_episode, "episode 1 is not a sequence of steps"),
     (a_0d_array_as_a_step, "episode 0, step 1 is not a [state, action, reward, next_state, done] step"),
-    (a_0d_array_of_numbers, "holds an array of shape (), not an array of episodes"),
+    (a_0d_array_of_numbers, "0d_file.npy is not an array of episodes"),
     (a_state_of_1e300, "episode 0, step 1: the state holds 1e+300, not a finite number"),
-    (a_reward_of_1e300, "episode 0, step 1: the reward 1e+300 is not a finite number"),
+    (a_state_as_an_object_array_of_a_huge_int, "episode 0, step 0: the state holds inf, not a finite number"),
+    (a_reward_of_1e300, "episode 0, step 1: the reward holds 1e+300, not a finite number"),
     (os_system, "asks for os.system"),
     (builtins_eval, "asks for builtins.eval"),
     (inst_opcode, "uses the opcode INST"),
     (stack_global_of_subprocess, "asks for subprocess.getoutput"),
+    (a_name_with_line_breaks, "asks for os import.system, which could run code"),
     (a_truncated_pickle, "truncated or corrupt"),
+    (a_deep_tuple_in_a_set, "uses the opcode EMPTY_SET"),
+    (a_memo_index_of_2_to_the_31, "truncated or corrupt"),
+    (a_million_one_step_episodes_sharing_their_step, "its header claims more than the 100000 episodes or steps"),
+    (a_million_one_step_episodes, "its header claims more than the 100000 episodes or steps"),
+    (a_million_one_step_episodes_in_a_list, "its pickle is longer than the 10000000 opcodes"),
 ]
 
 
@@ -416,6 +468,34 @@ def test_a_state_far_outside_the_bounds_warns_in_one_line_and_trains(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "episode 0, step 3: the state" in lines[0], lines
 
 
+def test_a_memo_index_far_past_the_pickle_allocates_nothing(tmp_path):
+    """LONG_BINPUT 2^27 would make pickle's unpickler grow its memo to 2^28 entries and fill them (2 GB): the walk over
+    the opcodes refuses it before the unpickler starts."""
+    path = npy(tmp_path / "memo.npy", whole(pickle.NONE + pickle.LONG_BINPUT + struct.pack("<I", 2**27)))
+    code = ("import resource, sys, dqfd, gymnasium as gym\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n    dqfd.load_demonstrations(sys.argv[1], gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))\n"
+            "except ValueError as error:\n    print(error)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")  # KiB on Linux
+    result = subprocess.run([sys.executable, "-c", code, path], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    message, grown_kib = result.stdout.splitlines()
+    assert "memo.npy is truncated or corrupt" in message and int(grown_kib) < 100_000, result
+
+
+def test_a_fifo_put_in_the_file_s_place_after_its_check_does_not_block(tmp_path):
+    """os.stat sees a regular file, then open() meets a FIFO that took its place: O_NONBLOCK keeps open() from waiting
+    for a writer, and the empty read ends in one sentence."""
+    os.mkfifo(tmp_path / "fifo.npy")
+    code = ("import os, sys, dqfd, gymnasium as gym\n"
+            "regular, check = os.stat(sys.argv[2]), os.stat\n"
+            "os.stat = lambda path: regular if path == sys.argv[1] else check(path)\n"
+            "try:\n    dqfd.load_demonstrations(sys.argv[1], gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(2))\n"
+            "except ValueError as error:\n    print(error)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "fifo.npy"), str(ROOT / "demo_traj_2.npy")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "fifo.npy is truncated or corrupt" in result.stdout, result
+
+
 def test_numeric_array_takes_exactly_the_bytes_its_shape_needs():
     # (2, 3) float32: 2 * 3 * 4 = 24 bytes, no more and no fewer
     array = dqfd.numeric_array(np.arange(6, dtype="<f4").tobytes(), np.dtype("<f4"), (2, 3))
@@ -423,14 +503,15 @@ def test_numeric_array_takes_exactly_the_bytes_its_shape_needs():
     for data, dtype, shape in [(bytes(23), "<f4", (2, 3)), (bytes(25), "<f4", (2, 3)), (bytes(8), "O", (1,)),
                                (bytes(8), "<f8", (-1,)), (bytes(8), "<f8", (1.0,)), ([0.0], "<f8", (1,)),
                                (bytes(16), "<c8", (2,)), (bytes(0), "<f8", (10**15,))]:
-        with pytest.raises(ValueError):
+        with pytest.raises((ValueError, TypeError)):  # a list of numbers is no buffer: np.frombuffer raises TypeError
             dqfd.numeric_array(data, np.dtype(dtype), shape)
 
 
 def test_as_numbers_converts_only_the_shape_asked_for():
-    np.testing.assert_array_equal(dqfd.as_numbers([[1, 2], (3, np.float32(4))], (2, 2)), [[1, 2], [3, 4]])
-    assert dqfd.as_numbers(np.int64(3), ()) == 3.0 and dqfd.as_numbers(True, ()) == 1.0
-    assert dqfd.as_numbers(10**400, ()) == np.inf  # too large for a float: infinite, then refused as such
+    np.testing.assert_array_equal(dqfd.as_numbers([[1, 2], (3, np.float32(4))], (2, 2), "x"), [[1, 2], [3, 4]])
+    assert dqfd.as_numbers(np.int64(3), (), "x") == 3.0 and dqfd.as_numbers(True, (), "x") == 1.0
+    assert dqfd.as_numbers(10**400, (), "x") == np.inf  # too large for a float: infinite, then refused as such
     for value, shape in [([1, 2, 3], (2,)), (np.zeros(3), (4,)), ("1.0", ()), (None, ()), ([[1]], ()),
                          (np.zeros((10**6, 0)), (4,)), ([1, [2]], (2,)), (1 + 2j, ())]:
-        assert dqfd.as_numbers(value, shape) is None, (value, shape)
+        with pytest.raises(ValueError, match="^the state is .*, not (a number|numbers of shape)"):
+            dqfd.as_numbers(value, shape, "the state")
