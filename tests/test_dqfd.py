@@ -440,7 +440,7 @@ def test_learning_from_the_shipped_demonstrations(tmp_path):
     (475 or more of CartPole-v1's 500) in its first episode, and so does the greedy policy after those 1000 steps.
     Random play returns about 22; without pre-training (--pretrain-steps 0) these 1000 steps average 36 to 53 an
     episode (seeds 1-3). Only the start is asserted: later in a run, online updates can pull a seed's returns down for
-    a while (seeds 101 and 110 in 3000-step runs, from their third episode). Passed on PASSES of seeds 1-20 (`python -m
+    a while (seeds 101 and 110 in 3000-step runs, from their third episode). Passed on 20 of seeds 1-20 (`python -m
     benchmark.learning_tests --tests test_dqfd`)."""
     result = run_ok("dqfd.py", "--demo-path", str(ROOT / "demo_traj_2.npy"), "--total-timesteps", "1000",
                     "--seed", learning_seed(1), cwd=tmp_path)
