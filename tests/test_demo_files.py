@@ -399,7 +399,10 @@ CRAFTED = [
 # --- The tests -------------------------------------------------------------------------------------
 
 TINY_RUN = ["--total-timesteps", "300", "--pretrain-steps", "10", "--eval-episodes", "1"]
-SECONDS = 10  # each refusal's bound: most take well under one second, the deep ones a few on a busy machine
+# Each refusal's bound: most take well under one second; the deep ones and the million episodes in a plain list (10^7
+# opcodes walked before the refusal) take 3 to 5 s, and 10.5 s were seen with a third process on the two cores. The
+# reader before the counts spent 43 s on that file; a hang would never end.
+SECONDS = 20
 
 # Runs dqfd.py's own command-line code (runpy, as `python dqfd.py` would) on each file in turn, in one process,
 # and prints one JSON line per file: how it exited, its stderr and its time. A crash ends the process.
