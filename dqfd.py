@@ -687,7 +687,7 @@ def settings_line(args: Args) -> str:
     tuned = TUNED.get(args.env_id, {})
     source = (f"the settings tuned for {args.env_id}" if args.env_id == Args.env_id or tuned
               else f"the defaults (tuned for {Args.env_id}; none are tuned for {args.env_id})")
-    source += "".join(f" (--{name.replace('_', '-')} {value})" for name, value in tuned.items())
+    source += (" (" + " ".join(f"--{name.replace('_', '-')} {value}" for name, value in tuned.items()) + ")") * bool(tuned)
     changed = [f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items()
                if value != getattr(Args(**tuned), name) and name not in ("env_id", "seed")]
     return f"{args.exp_name} on {args.env_id}, seed {args.seed}: {source}" + ("; changed by " + " ".join(changed)) * bool(changed)

@@ -89,6 +89,11 @@ class Args:
 # flags given on the command line override both. The evidence for each value is the sweep committed in
 # benchmark/tuning/<script>-<env>/.
 TUNED = {
+    # benchmark/tuning/dqn-LunarLander-v3/end-e-buffer: the RL Zoo's settings with SB3's gradient clipping at 10, its 4
+    # gradient steps every 4 env steps as one every step, and a buffer that holds the whole run
+    "LunarLander-v3": dict(total_timesteps=200_000, learning_rate=6.3e-4, batch_size=128, buffer_size=200_000,
+                           learning_starts=0, tau=1.0, target_network_frequency=250, end_e=0.1, exploration_fraction=0.12,
+                           hidden_size=256, train_frequency=1, max_grad_norm=10.0),
 }
 
 
@@ -367,7 +372,7 @@ def settings_line(args: Args) -> str:
     tuned = TUNED.get(args.env_id, {})
     source = (f"the settings tuned for {args.env_id}" if args.env_id == Args.env_id or tuned
               else f"the defaults (tuned for {Args.env_id}; none are tuned for {args.env_id})")
-    source += "".join(f" (--{name.replace('_', '-')} {value})" for name, value in tuned.items())
+    source += (" (" + " ".join(f"--{name.replace('_', '-')} {value}" for name, value in tuned.items()) + ")") * bool(tuned)
     changed = [f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items()
                if value != getattr(Args(**tuned), name) and name not in ("env_id", "seed")]
     return f"{args.exp_name} on {args.env_id}, seed {args.seed}: {source}" + ("; changed by " + " ".join(changed)) * bool(changed)
