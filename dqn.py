@@ -87,11 +87,12 @@ class Args:
 # flags given on the command line override both. The evidence for each value is the sweep committed in
 # benchmark/tuning/<script>-<env>/.
 TUNED = {
-    # benchmark/tuning/dqn-LunarLander-v3/end-e-buffer: the RL Zoo's settings with SB3's gradient clipping at 10, its 4
-    # gradient steps every 4 env steps as one every step, and a buffer that holds the whole run
+    # benchmark/tuning/dqn-LunarLander-v3/end-e-buffer and anneal-lr: the RL Zoo's settings with SB3's gradient clipping
+    # at 10, its 4 gradient steps every 4 env steps as one every step, a buffer that holds the whole run, and the step
+    # size annealed to 0 (not in the paper; it steadies the final network: median 222.1 against 214.8 on seeds 101-105)
     "LunarLander-v3": dict(total_timesteps=200_000, learning_rate=6.3e-4, batch_size=128, buffer_size=200_000,
                            learning_starts=0, tau=1.0, target_network_frequency=250, end_e=0.1, exploration_fraction=0.12,
-                           hidden_size=256, train_frequency=1, max_grad_norm=10.0),
+                           hidden_size=256, train_frequency=1, max_grad_norm=10.0, anneal_lr=True),
 }
 
 
