@@ -268,9 +268,10 @@ def _die_with_parent() -> None:  # pragma: no cover (runs in the child between f
     ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
-def execute_run(task: dict, started: Optional[Callable] = None) -> dict:
+def execute_run(task: dict, started: Optional[Callable] = None, stop_asked: Optional[Callable] = None) -> dict:
     """Run `python SCRIPT ARGV...` in a fresh temporary folder and return its exit code, output tails,
-    wall time and the files it wrote under runs/ and videos/ (as {relative path: bytes})."""
+    wall time and the files it wrote under runs/ and videos/ (as {relative path: bytes}). When
+    stop_asked() turns true (asked every second), kill the run, delete the folder and raise InterruptedError."""
     import os
     import socket
     import subprocess
@@ -296,13 +297,14 @@ def execute_run(task: dict, started: Optional[Callable] = None) -> dict:
         if started is not None:
             started(process)
         try:
-            while True:  # wake every second: Ray cancels a task by a KeyboardInterrupt raised between two waits
+            while True:
                 try:
                     stdout, stderr = process.communicate(timeout=1.0)
                     break
                 except subprocess.TimeoutExpired:
-                    continue
-        except BaseException:  # a cancelled task stops its run, and the with-block deletes its folder
+                    if stop_asked is not None and stop_asked():  # an error, not an interrupt: Ray does not retry it
+                        raise InterruptedError("the sweep was stopped")
+        except BaseException:  # a stopped task kills its run, and the with-block deletes its folder
             kill_run(process)
             process.wait()
             raise
@@ -314,6 +316,27 @@ def execute_run(task: dict, started: Optional[Callable] = None) -> dict:
                     files[path.relative_to(work).as_posix()] = path.read_bytes()
     return {"returncode": process.returncode, "stdout": stdout[-20_000:], "stderr": stderr[-20_000:],
             "wall_s": wall_s, "files": files, "host": socket.gethostname()}
+
+
+class StopFlag:
+    """A Ray actor on the driver's node that the tasks ask every second whether the sweep was stopped.
+    (Not ray.cancel: in Ray 2.60 a cancel that races the task's own end crashes the driver, "Tried to
+    complete task that was not pending", seen about 1 time in 10, ray-project/ray#54527.)"""
+
+    def __init__(self):
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def asked(self) -> bool:
+        return self.stopped
+
+
+def execute_ray_run(task: dict, flag) -> dict:
+    """execute_run on a Ray worker, stopped when the driver sets `flag`."""
+    import ray
+    return execute_run(task, stop_asked=lambda: ray.get(flag.asked.remote()))
 
 
 def make_task(run: Run, die_with_parent: bool) -> dict:
@@ -422,13 +445,16 @@ def run_ray(items: list, address: Optional[str], workers: Optional[int], on_resu
     try:
         if execute_run.__module__ != "__main__":  # send execute_run by value: workers do not have this repo
             ray.cloudpickle.register_pickle_by_value(sys.modules[execute_run.__module__])
-        remote_run = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(execute_run)
+        remote_run = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(execute_ray_run)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        flag = ray.remote(num_cpus=0, scheduling_strategy=here)(StopFlag).remote()  # dies with no worker node
         queue, pending = list(items), {}
         try:
             while queue or pending:
                 while queue and (cap is None or len(pending) < cap):
                     run, task = queue.pop(0)
-                    pending[remote_run.remote(task)] = run
+                    pending[remote_run.remote(task, flag)] = run
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                 for ref in ready:
                     run = pending.pop(ref)
@@ -441,10 +467,9 @@ def run_ray(items: list, address: Optional[str], workers: Optional[int], on_resu
                 progress.running = len(pending)
                 progress.tick()
         except KeyboardInterrupt:
-            for ref in pending:  # a KeyboardInterrupt in each task: it kills its run and deletes its folder
-                ray.cancel(ref)
-            ray.wait(list(pending), num_returns=len(pending), timeout=30)
-            for ref in pending:  # a task that did not stop within 30 s: its worker is killed
+            ray.get(flag.stop.remote())  # within a second each task kills its run and deletes its folder
+            _, late = ray.wait(list(pending), num_returns=len(pending), timeout=30)
+            for ref in late:  # a task that did not stop within 30 s: its worker is killed
                 ray.cancel(ref, force=True)
             raise
     finally:
