@@ -448,7 +448,7 @@ def run_ray(items: list, address: Optional[str], workers: Optional[int], on_resu
         remote_run = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(execute_ray_run)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        flag = ray.remote(num_cpus=0, scheduling_strategy=here)(StopFlag).remote()  # dies with no worker node
+        flag = ray.remote(num_cpus=0, scheduling_strategy=here)(StopFlag).remote()  # outlives a lost worker node
         queue, pending = list(items), {}
         try:
             while queue or pending:
