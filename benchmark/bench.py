@@ -89,6 +89,9 @@ CELLS = [
     Cell("sb3-dqn/MountainCar-v0", "benchmark/sb3_peer.py", {"env-id": "MountainCar-v0"}, seeds=FIVE),
     # Taxi-v4 (the lecture notes, one-hot observations); target: median >= 7 over seeds 1-5; the Zoo has no Taxi
     Cell("dqn/Taxi-v4", "dqn.py", {"env-id": "Taxi-v4", "total-timesteps": 100_000}, seeds=FIVE),
+    Cell("double_dqn/Taxi-v4", "double_dqn.py", {"env-id": "Taxi-v4", "total-timesteps": 100_000}, seeds=FIVE),
+    Cell("dueling_dqn/Taxi-v4", "dueling_dqn.py", {"env-id": "Taxi-v4", "total-timesteps": 100_000}, seeds=FIVE),
+    Cell("per_dqn/Taxi-v4", "per_dqn.py", {"env-id": "Taxi-v4", "total-timesteps": 100_000}, seeds=FIVE),
     # Pendulum-v1, 15k steps (ddpg.py's defaults); target: median >= -150 over seeds 1-10
     Cell("ddpg/Pendulum-v1", "ddpg.py", {"env-id": "Pendulum-v1", "total-timesteps": 15_000}, seeds=TEN),
     Cell("ddpg-sb3-hparams/Pendulum-v1", "ddpg.py", {"env-id": "Pendulum-v1", "total-timesteps": 20_000, **SB3_DDPG_PENDULUM}),
