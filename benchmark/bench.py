@@ -62,7 +62,9 @@ SB3_DDPG_PENDULUM = {"gamma": 0.98, "buffer-size": 200_000, "learning-starts": 1
                      "hidden-sizes": "400 300"}
 
 TEN, FIVE, THREE = list(range(1, 11)), list(range(1, 6)), [1, 2, 3]
-IMPERFECT_DEMOS = "benchmark/tuning/dqfd-CartPole-v1/demos/cut_400.npy"  # benchmark/make_demos.py: 400 expert steps
+# benchmark/make_demos.py's held-out files (the tuning files are under benchmark/tuning/dqfd-CartPole-v1/demos)
+IMPERFECT_DEMOS = {"cut-400": "benchmark/dqfd-demos/cut_400.npy", "half-trained": "benchmark/dqfd-demos/half_trained_1.npy",
+                   "mixed": "benchmark/dqfd-demos/mixed_1.npy"}
 
 # A cell for every (script, environment) pair the targets of issues 15 and 16 name, on the seeds they name,
 # with the RL Zoo peer beside it wherever the Zoo has settings for the environment.
@@ -106,11 +108,11 @@ CELLS = [
     Cell("sb3-ddpg/LunarLanderContinuous-v3", "benchmark/sb3_peer.py", {"env-id": "LunarLanderContinuous-v3"},
          seeds=THREE),
     # The course's protocol, seeds 1-10: DQfD with the shipped expert file (target: 20 on 10/10) and with
-    # 400 imperfect transitions (target: every seed within 250 episodes, median <= 25)
+    # 400 imperfect transitions of each kind (target: every seed within 250 episodes, median <= 25)
     Cell("dqfd/CartPole-v1", "dqfd.py", {"env-id": "CartPole-v1", "demo-path": "demo_traj_2.npy"},
          seeds=TEN, course_protocol=True),
-    Cell("dqfd-cut-400/CartPole-v1", "dqfd.py", {"env-id": "CartPole-v1", "demo-path": IMPERFECT_DEMOS},
-         seeds=TEN, course_protocol=True),
+    *[Cell(f"dqfd-{kind}/CartPole-v1", "dqfd.py", {"env-id": "CartPole-v1", "demo-path": path}, seeds=TEN,
+           course_protocol=True) for kind, path in IMPERFECT_DEMOS.items()],
 ]
 
 # The course's DQfD (CONTEXT.md, document 1): at most 250 episodes; the score is the first episode at

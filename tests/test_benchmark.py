@@ -19,7 +19,8 @@ def test_every_cell_of_the_full_grid_passes_its_script_s_own_checks():
     runs = bench.make_runs(bench.CELLS, None, {})
     assert len(runs) == sum(len(cell.seeds or bench.SEEDS) for cell in bench.CELLS)
     assert len({run.key for run in runs}) == len(runs)  # no two runs are the same run
-    for cell, demo_file in [("dqfd/CartPole-v1", "demo_traj_2.npy"), ("dqfd-cut-400/CartPole-v1", "cut_400.npy")]:
+    for cell, demo_file in [("dqfd/CartPole-v1", "demo_traj_2.npy"), ("dqfd-cut-400/CartPole-v1", "cut_400.npy"),
+                            ("dqfd-half-trained/CartPole-v1", "half_trained_1.npy"), ("dqfd-mixed/CartPole-v1", "mixed_1.npy")]:
         dqfd_runs = [run for run in runs if run.setting == cell]
         assert len(dqfd_runs) == 10  # the course's protocol on seeds 1-10
         assert all(any(path.endswith(demo_file) for path in run.inputs) for run in dqfd_runs)  # the demo file travels
