@@ -83,8 +83,8 @@ TUNED = {
     "LunarLander-v3": dict(total_timesteps=200_000, learning_rate=6.3e-4, batch_size=128, buffer_size=200_000,
                            learning_starts=0, tau=1.0, target_network_frequency=250, end_e=0.1, exploration_fraction=0.12,
                            hidden_size=256, train_frequency=1, max_grad_norm=10.0, anneal_lr=True),
-    # benchmark/tuning/dqn-Taxi-v4/lr-exploration: twice the steps, and epsilon falls over 30% of them, not 12%, so
-    # the agent finds the passenger's drop-offs before it turns greedy (median 8.4 against -76.2 on seeds 101-103)
+    # benchmark/tuning/dqn-Taxi-v4/lr-exploration: twice the steps, and epsilon falls over 30% of them, not 12%
+    # (median 8.4 against -76.2 on seeds 101-103)
     "Taxi-v4": dict(total_timesteps=100_000, exploration_fraction=0.3),
 }
 

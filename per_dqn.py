@@ -99,8 +99,8 @@ TUNED = {
                            # uncorrected bias ran the Q-values away on some seeds (tuning/per_dqn-LunarLander-v3/
                            # divergence.md); beta-start-1: median 231.0 against 130.3 on seeds 101-105
                            beta_start=1.0),
-    # benchmark/tuning/dqn-Taxi-v4/lr-exploration: twice the steps, and epsilon falls over 30% of them, not 12%, so
-    # the agent finds the passenger's drop-offs before it turns greedy (median 8.4 against -76.2 on seeds 101-103)
+    # benchmark/tuning/dqn-Taxi-v4/lr-exploration: twice the steps, and epsilon falls over 30% of them, not 12%
+    # (median 8.4 against -76.2 on seeds 101-103)
     "Taxi-v4": dict(total_timesteps=100_000, exploration_fraction=0.3),
 }
 

@@ -267,7 +267,8 @@ def course_protocol_section(cell: Cell, records: list) -> list:
              "| seed | episodes to 475 | wall s |", "|---|---|---|"]
     for r in ok:
         e = r["episodes_to_threshold"]
-        shown = "not reached in the run" if e is None else e if e <= COURSE_MAX_EPISODES else f"not within {COURSE_MAX_EPISODES}"
+        shown = ("not reached in the run" if e is None
+                 else e if e <= COURSE_MAX_EPISODES else f"not within {COURSE_MAX_EPISODES}")
         lines.append(f"| {r['seed']} | {shown} | {r['wall_s']:.0f} |")
     if reached:
         import statistics
