@@ -91,6 +91,11 @@ TUNED = {
     # benchmark/tuning/ddpg-MountainCarContinuous-v0: 50k steps with the paper's settings reach the goal on 2 of 3
     # tuning seeds (90.2, -99.9, 91.7); the RL Zoo's OU sigma 0.5, with dt 1 or SB3's 0.01, and no weight decay did no better
     "MountainCarContinuous-v0": dict(total_timesteps=50_000),
+    # not tuned: the RL Zoo's DDPG settings, mapped (SB3's batch 256 and no weight decay); its results are in
+    # benchmark/results-lunarlandercontinuous
+    "LunarLanderContinuous-v3": dict(total_timesteps=300_000, gamma=0.98, buffer_size=200_000, learning_starts=10_000,
+                                     actor_learning_rate=1e-3, critic_learning_rate=1e-3, critic_weight_decay=0.0,
+                                     batch_size=256, noise="gaussian", noise_sigma=0.1),
 }
 
 
