@@ -113,6 +113,10 @@ CELLS = [
          seeds=TEN, course_protocol=True),
     *[Cell(f"dqfd-{kind}/CartPole-v1", "dqfd.py", {"env-id": "CartPole-v1", "demo-path": path}, seeds=TEN,
            course_protocol=True) for kind, path in IMPERFECT_DEMOS.items()],
+    # LunarLander-v3 from 5 episodes of dqn.py's seed-101 agent; target: the 20-episode mean reaches 200 in fewer
+    # episodes than dqn/LunarLander-v3's runs (python -m benchmark.episodes_to 200 RUN_DIRS counts those)
+    Cell("dqfd/LunarLander-v3", "dqfd.py", {"env-id": "LunarLander-v3", "demo-path": "benchmark/dqfd-demos/lunarlander_101.npy"},
+         seeds=FIVE),
 ]
 
 # The course's DQfD (CONTEXT.md, document 1): at most 250 episodes; the score is the first episode at

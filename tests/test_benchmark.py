@@ -82,3 +82,15 @@ def test_an_unknown_cell_ends_with_one_sentence(tmp_path):
     result = run_bench("--cells", "no-such-cell/*", "--out", str(tmp_path / "bench"))
     assert_one_line_error(result, "no-such-cell")
     assert not (tmp_path / "bench").exists()
+
+
+def test_episodes_to_threshold_counts_the_first_20_episode_mean_that_reaches_it():
+    from benchmark.episodes_to import episodes_to
+
+    # by hand: 19 returns of 190 and one of 390 average (19 * 190 + 390) / 20 = 200 at episode 20
+    assert episodes_to([190] * 19 + [390], 200) == 20
+    assert episodes_to([190] * 19 + [389], 200) is None
+    # 25 episodes of 100, then 300s: at episode k the window holds k - 25 of 300, a mean of 100 + 10 (k - 25),
+    # first >= 200 at k = 35
+    assert episodes_to([100] * 25 + [300] * 20, 200) == 35
+    assert episodes_to([500] * 19, 200) is None  # fewer than 20 episodes: no 20-episode mean
