@@ -87,7 +87,8 @@ CELLS = [
     Cell("sb3-dqn/LunarLander-v3", "benchmark/sb3_peer.py", {"env-id": "LunarLander-v3", "total-timesteps": 200_000},
          seeds=FIVE),
     # MountainCar-v0 (the lecture notes); target: median >= -110 over seeds 1-5
-    Cell("dqn/MountainCar-v0", "dqn.py", {"env-id": "MountainCar-v0", "total-timesteps": 120_000}, seeds=FIVE),
+    *[Cell(f"{script}/MountainCar-v0", f"{script}.py", {"env-id": "MountainCar-v0", "total-timesteps": 120_000}, seeds=FIVE)
+      for script in ("dqn", "double_dqn", "dueling_dqn", "per_dqn")],
     Cell("sb3-dqn/MountainCar-v0", "benchmark/sb3_peer.py", {"env-id": "MountainCar-v0"}, seeds=FIVE),
     # Taxi-v4 (the lecture notes, one-hot observations); target: median >= 7 over seeds 1-5; the Zoo has no Taxi
     Cell("dqn/Taxi-v4", "dqn.py", {"env-id": "Taxi-v4", "total-timesteps": 100_000}, seeds=FIVE),
