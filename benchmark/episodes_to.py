@@ -20,19 +20,26 @@ def episodes_to(returns, threshold: float) -> Optional[int]:
     returns = np.asarray(returns, dtype=float)
     if len(returns) < WINDOW:
         return None
-    means = np.convolve(returns, np.ones(WINDOW) / WINDOW, mode="valid")  # means[i]: episodes i+1 .. i+WINDOW
+    means = np.lib.stride_tricks.sliding_window_view(returns, WINDOW).mean(axis=1)  # means[i]: episodes i+1 .. i+WINDOW
     reached = np.flatnonzero(means >= threshold)
     return int(reached[0]) + WINDOW if len(reached) else None
 
 
+def finite(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the threshold must be a finite number, got {text}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("threshold", type=float)
+    parser.add_argument("threshold", type=finite)
     parser.add_argument("run_dirs", nargs="+", type=Path)
     args = parser.parse_args()
     counts = []
     for run_dir in args.run_dirs:
-        scalars = read_scalars(run_dir, {"charts/episodic_return"})
+        scalars = read_scalars(run_dir, {"charts/episodic_return"}) if run_dir.is_dir() else {}
         if "charts/episodic_return" not in scalars:
             raise SystemExit(f"{run_dir} holds no charts/episodic_return: not a run folder of these scripts.")
         returns = scalars["charts/episodic_return"][1]
